@@ -1,0 +1,58 @@
+"""`vitp convert-vit` as a user runs it."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from transformers import InternVLVisionModel
+
+from vitp import load_vit, save_vit
+from vitp.cli import main
+
+
+def test_convert_hf_directory_to_vitp_file_and_back(tmp_path, tiny_vit, capsys):
+    save_vit(tiny_vit, tmp_path / "hf", to="hf")
+    assert main(["convert-vit", str(tmp_path / "hf"), str(tmp_path / "ViTP_ViT.safetensors"), "--to", "vitp"]) == 0
+    out = capsys.readouterr().out
+    assert "transformers InternVLVisionModel directory" in out
+    assert "wrote  " + str(tmp_path / "ViTP_ViT.json") in out
+
+    assert main(["convert-vit", str(tmp_path / "ViTP_ViT.safetensors"), str(tmp_path / "back"), "--to", "hf"]) == 0
+    reloaded = InternVLVisionModel.from_pretrained(tmp_path / "back").eval()
+    pixels = torch.randn(1, 3, 112, 112)
+    with torch.no_grad():
+        expected = tiny_vit(pixels)
+        assert torch.allclose(reloaded(pixels).last_hidden_state, expected, atol=1e-5)
+
+
+def test_convert_with_explicit_config_and_dtype(tmp_path, tiny_vit):
+    save_vit(tiny_vit, tmp_path / "vit.safetensors", to="vitp")
+    (tmp_path / "vit.json").unlink()
+    code = main([
+        "convert-vit", str(tmp_path / "vit.safetensors"), str(tmp_path / "bf16.safetensors"),
+        "--to", "vitp", "--vit_config", "internvit-tiny", "--dtype", "bf16", "--key_prefix", "",
+    ])
+    assert code == 0
+    model = load_vit(tmp_path / "bf16.safetensors", dtype=None)
+    assert model.pos_embed.dtype == torch.bfloat16
+    assert torch.equal(model.pos_embed, tiny_vit.pos_embed.to(torch.bfloat16))
+
+
+def test_bad_input_is_one_clean_error_line(tmp_path, capsys):
+    (tmp_path / "broken.safetensors").write_bytes(b"garbage")
+    assert main(["convert-vit", str(tmp_path / "broken.safetensors"), str(tmp_path / "out"), "--to", "hf"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "broken.safetensors" in err and "Traceback" not in err
+
+
+def test_console_script_reports_errors_without_traceback(tmp_path):
+    vitp = Path(sys.prefix) / "bin" / "vitp"  # installed by `make test` (pip install -e .)
+    assert vitp.is_file(), "the vitp console script is not installed in this environment"
+    result = subprocess.run(
+        [str(vitp), "convert-vit", str(tmp_path / "missing"), str(tmp_path / "out"), "--to", "vitp"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "error: " in result.stderr and "no such file or directory" in result.stderr
+    assert "Traceback" not in result.stderr
