@@ -17,7 +17,7 @@ from transformers import (
     InternVLVisionModel,
 )
 
-from conftest import randomize_
+from vitp_testing import randomize_
 from vitp import ConfigError, WeightFormatError, build_vit, inspect_checkpoint, load_vit, save_vit
 
 TINY_HF = dict(

@@ -1,18 +1,13 @@
-"""The `vitp` command line: parses arguments and calls one library function per subcommand."""
+"""`vitp convert-vit`: the vision encoder's checkpoint formats."""
 
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
-from typing import Sequence
-
-from vitp.errors import VitpError
 
 DTYPES = {"keep": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def _add_convert_vit(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "convert-vit",
         help="convert a ViT between checkpoint formats",
@@ -56,33 +51,3 @@ def _run_convert_vit(args: argparse.Namespace) -> int:
     for path in files:
         print(f"wrote  {path}")
     return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vitp", description="Visual Instruction Pretraining and image retrieval.")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_convert_vit(subparsers)
-    return parser
-
-
-def _configure_logging() -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("vitp: %(message)s"))
-    logger = logging.getLogger("vitp")
-    logger.handlers[:] = [handler]
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _configure_logging()
-    try:
-        return args.handler(args)
-    except VitpError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,9 @@
+"""`vitp` subcommands of the data stage."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add this stage's subcommands."""

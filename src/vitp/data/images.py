@@ -1,0 +1,165 @@
+"""Images as InternVL sees them, shared by training and retrieval.
+
+* :func:`load_image` decodes a file safely: corrupt, truncated, empty and oversized files
+  (decompression bombs) raise :class:`ImageError` with the reason, before any large allocation.
+* :func:`build_transform` is InternVL's per-tile transform: resize to a square bicubically, to
+  tensor, ImageNet mean/std.
+* :func:`dynamic_preprocess` is InternVL's dynamic resolution: choose a grid of tiles matching the
+  aspect ratio, cut row-major tiles, add a thumbnail.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
+
+from vitp.errors import VitpError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
+# Pillow's own decompression-bomb threshold (2 x Image.MAX_IMAGE_PIXELS); checked from the header,
+# before decoding, so an oversized file costs nothing.
+DEFAULT_MAX_PIXELS = 178_956_970
+
+
+class ImageError(VitpError):
+    """An image file that cannot be used; ``reason`` is a short phrase for reports."""
+
+    def __init__(self, path: Path | str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+def load_image(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode an image file to RGB, or raise :class:`ImageError` saying why it cannot be used."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as err:
+        raise ImageError(path, f"cannot read ({err.strerror or err})") from None
+    if size == 0:
+        raise ImageError(path, "empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise ImageError(path, f"too large: {width}x{height} = {width * height} pixels > limit {max_pixels}")
+                image.load()  # decode now, so that truncation is found here and not later
+                return to_rgb(image)
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(path, "not an image (unrecognised format)") from None
+    except Image.DecompressionBombError as err:  # beyond Pillow's hard limit, whatever max_pixels says
+        raise ImageError(path, f"too large ({err})") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ImageError(path, f"corrupt or truncated ({err})") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB for any mode; 16-bit and float images (common in remote sensing) are scaled to 8 bit
+    instead of being clipped."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        array = np.asarray(image, dtype=np.float32)
+        low, high = float(array.min()), float(array.max())
+        scaled = (array - low) * (255.0 / (high - low)) if high > low else np.zeros_like(array)
+        image = Image.fromarray(scaled.round().astype(np.uint8), mode="L")
+    return image.convert("RGB")
+
+
+def build_transform(image_size: int) -> transforms.Compose:
+    """InternVL's tile transform: resize to image_size² (bicubic), to tensor, ImageNet normalisation."""
+    return transforms.Compose([
+        transforms.Resize((image_size, image_size), interpolation=InterpolationMode.BICUBIC),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def jpeg_reencode(image: Image.Image, quality: int) -> Image.Image:
+    """Re-encode as JPEG at ``quality``: upstream's ``data_augment`` (random quality 75-100)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB")
+
+
+def random_jpeg_reencode(image: Image.Image, rng: random.Random) -> Image.Image:
+    return jpeg_reencode(image, rng.randint(75, 100))
+
+
+def candidate_grids(min_num: int, max_num: int) -> list[tuple[int, int]]:
+    """All (columns, rows) with min_num <= columns*rows <= max_num, sorted by tile count.
+
+    Built exactly like upstream (a set, then a stable sort on the product) so that grids with the same
+    tile count come in the same order, which decides exact ties below."""
+    grids = set(
+        (i, j)
+        for n in range(min_num, max_num + 1)
+        for i in range(1, n + 1)
+        for j in range(1, n + 1)
+        if min_num <= i * j <= max_num
+    )
+    return sorted(grids, key=lambda grid: grid[0] * grid[1])
+
+
+def choose_grid(width: int, height: int, min_num: int, max_num: int, image_size: int) -> tuple[int, int]:
+    """The (columns, rows) grid whose aspect ratio is closest to the image's; on an exact tie a later
+    (larger) grid wins only if the image has more than half the pixels that grid would hold."""
+    aspect = width / height
+    best, best_difference = (1, 1), float("inf")
+    for columns, rows in candidate_grids(min_num, max_num):
+        difference = abs(aspect - columns / rows)
+        if difference < best_difference:
+            best, best_difference = (columns, rows), difference
+        elif difference == best_difference and width * height > 0.5 * image_size * image_size * columns * rows:
+            best = (columns, rows)
+    return best
+
+
+def dynamic_preprocess(
+    image: Image.Image, min_num: int = 1, max_num: int = 12, image_size: int = 448, use_thumbnail: bool = False
+) -> list[Image.Image]:
+    """Tiles of ``image``: resized to the chosen grid, cut row-major, plus a thumbnail if more than one."""
+    if not 1 <= min_num <= max_num:
+        raise ValueError(f"need 1 <= min_dynamic_patch <= max_dynamic_patch, got {min_num} and {max_num}")
+    columns, rows = choose_grid(*image.size, min_num, max_num, image_size)
+    resized = image.resize((image_size * columns, image_size * rows), Image.BICUBIC)
+    tiles = [
+        resized.crop((c * image_size, r * image_size, (c + 1) * image_size, (r + 1) * image_size))
+        for r in range(rows)
+        for c in range(columns)
+    ]
+    if use_thumbnail and len(tiles) != 1:
+        tiles.append(image.resize((image_size, image_size), Image.BICUBIC))
+    return tiles
+
+
+def iter_image_files(root: Path | str) -> Iterator[Path]:
+    """Image files under ``root``, recursively, in a stable (sorted) order; hidden entries skipped."""
+    root = Path(root)
+    for path in sorted(root.rglob("*")):
+        relative = path.relative_to(root)
+        if any(part.startswith(".") for part in relative.parts):
+            continue
+        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
+            yield path
+
+
+def pixel_values(tiles: list[Image.Image], image_size: int) -> torch.Tensor:
+    """Stack tiles into a (tiles, 3, image_size, image_size) normalised tensor."""
+    transform = build_transform(image_size)
+    return torch.stack([transform(tile) for tile in tiles])
