@@ -138,10 +138,15 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: 
 
 
 def write_json(value: dict, path: Path) -> None:
+    write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", path)
+
+
+def write_text(text: str, path: Path) -> None:
+    """Write a text file atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
 
 
 class _atomic_path:

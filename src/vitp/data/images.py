@@ -130,6 +130,12 @@ def choose_grid(width: int, height: int, min_num: int, max_num: int, image_size:
     return best
 
 
+def count_tiles(width: int, height: int, min_num: int, max_num: int, image_size: int, use_thumbnail: bool) -> int:
+    """How many tiles :func:`dynamic_preprocess` makes for an image of this size (no pixels needed)."""
+    columns, rows = choose_grid(width, height, min_num, max_num, image_size)
+    return columns * rows + (1 if use_thumbnail and columns * rows > 1 else 0)
+
+
 def dynamic_preprocess(
     image: Image.Image, min_num: int = 1, max_num: int = 12, image_size: int = 448, use_thumbnail: bool = False
 ) -> list[Image.Image]:

@@ -1,0 +1,283 @@
+"""The upstream data formats: a meta JSON naming datasets, and JSONL files of conversations.
+
+Meta JSON (InternVL / ViTP, unchanged)::
+
+    {"my_rs_data": {"root": "images/", "annotation": "my_rs_data.jsonl",
+                    "data_augment": false, "repeat_time": 1, "length": 12000,
+                    "max_dynamic_patch": 12}}
+
+JSONL line::
+
+    {"image": "a/b.jpg" | ["a.jpg", "b.jpg"], "conversations": [
+        {"from": "system", "value": "..."},            # optional, first only
+        {"from": "human", "value": "<image>\\nWhat is this?"},
+        {"from": "gpt", "value": "A harbour."}, ...]}
+
+A JSONL file is indexed by byte offsets (8 bytes per line), never loaded whole. Every problem is a
+:class:`SampleError` that names the file and line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any, Iterator
+
+import numpy as np
+
+from vitp.errors import VitpError
+
+IMAGE_PLACEHOLDER = "<image>"
+ROLES = ("system", "human", "gpt")
+
+
+class MetaError(VitpError):
+    """The meta JSON itself is wrong (a dataset cannot be used at all)."""
+
+
+class SampleError(VitpError):
+    """One JSONL line is wrong; ``where`` is ``file:line``, ``kind`` a short category for summaries."""
+
+    def __init__(self, where: str, reason: str, kind: str = "invalid sample"):
+        super().__init__(f"{where}: {reason}")
+        self.where = where
+        self.reason = reason
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One entry of the meta JSON."""
+
+    name: str
+    root: Path
+    annotation: Path
+    data_augment: bool = False
+    repeat_time: float = 1.0
+    length: int | None = None
+    max_dynamic_patch: int | None = None
+
+
+@dataclass(frozen=True)
+class Turn:
+    role: str  # "human" or "gpt"
+    text: str
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A validated JSONL line."""
+
+    where: str
+    images: tuple[str, ...]  # relative to the dataset root
+    system: str | None
+    turns: tuple[Turn, ...]
+
+
+def read_meta(meta_path: str | Path) -> list[DatasetSpec]:
+    """Parse and check a meta JSON. Relative ``root``/``annotation`` paths are looked up beside the
+    meta file first, then in the current directory (where upstream launch scripts resolve them)."""
+    meta_path = Path(meta_path)
+    return [dataset_spec(meta_path, name, entry) for name, entry in load_meta_json(meta_path).items()]
+
+
+def load_meta_json(meta_path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise MetaError(f"{meta_path}: cannot read ({err.strerror or err})") from None
+    except json.JSONDecodeError as err:
+        raise MetaError(f"{meta_path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+    if not isinstance(meta, dict) or not meta:
+        raise MetaError(f"{meta_path}: expected a non-empty object {{dataset name: {{root, annotation, ...}}}}")
+    return meta
+
+
+def dataset_spec(meta_path: Path, name: str, entry: Any) -> DatasetSpec:
+    """One meta entry, checked (keys, types, paths), or MetaError naming the dataset and key."""
+    where = f"{meta_path}: dataset {name!r}"
+    if not isinstance(entry, dict):
+        raise MetaError(f"{where}: expected an object with 'root' and 'annotation', found {type(entry).__name__}")
+    for key in ("root", "annotation"):
+        if not isinstance(entry.get(key), str) or not entry[key]:
+            raise MetaError(f"{where}: missing key {key!r} (a path string)")
+    repeat_time = entry.get("repeat_time", 1)
+    if not isinstance(repeat_time, (int, float)) or isinstance(repeat_time, bool) or repeat_time <= 0:
+        raise MetaError(f"{where}: 'repeat_time' must be a positive number, found {repeat_time!r}")
+    if repeat_time > 1 and int(repeat_time) != repeat_time:
+        raise MetaError(f"{where}: 'repeat_time' above 1 must be a whole number of repeats, found {repeat_time}")
+    max_patch = entry.get("max_dynamic_patch")
+    if max_patch is not None and (not isinstance(max_patch, int) or isinstance(max_patch, bool) or max_patch < 1):
+        raise MetaError(f"{where}: 'max_dynamic_patch' must be a positive integer, found {max_patch!r}")
+    annotation = _resolve(meta_path, entry["annotation"], where, "annotation")
+    if not annotation.is_file():
+        raise MetaError(f"{where}: annotation {entry['annotation']!r} is not a file")
+    root = _resolve(meta_path, entry["root"], where, "root")
+    if not root.is_dir():
+        raise MetaError(f"{where}: root {entry['root']!r} is not a directory")
+    return DatasetSpec(
+        name=name,
+        root=root,
+        annotation=annotation,
+        data_augment=bool(entry.get("data_augment", False)),
+        repeat_time=float(repeat_time),
+        length=entry.get("length"),
+        max_dynamic_patch=max_patch,
+    )
+
+
+def _resolve(meta_path: Path, value: str, where: str, key: str) -> Path:
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return path
+    beside_meta, from_cwd = meta_path.parent / path, Path.cwd() / path
+    for candidate in (beside_meta, from_cwd):
+        if candidate.exists():
+            return candidate.resolve()
+    raise MetaError(f"{where}: {key} {value!r} not found (looked in {meta_path.parent} and {Path.cwd()})")
+
+
+class JsonlIndex:
+    """Random access to the lines of a JSONL file through their byte offsets."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        offsets, numbers = [], []
+        with open(self.path, "rb") as handle:
+            offset, number = 0, 0
+            for raw in handle:
+                number += 1
+                if raw.strip():
+                    offsets.append(offset)
+                    numbers.append(number)
+                offset += len(raw)
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        self.line_numbers = np.asarray(numbers, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def where(self, index: int) -> str:
+        return f"{self.path}:{int(self.line_numbers[index])}"
+
+    def raw(self, index: int) -> bytes:
+        with open(self.path, "rb") as handle:
+            handle.seek(int(self.offsets[index]))
+            return handle.readline()
+
+    def sample(self, index: int) -> Sample:
+        return parse_sample(self.raw(index), self.where(index))
+
+    def __iter__(self) -> Iterator[tuple[str, bytes]]:
+        """(where, raw line) for every non-empty line, reading the file sequentially."""
+        with open(self.path, "rb") as handle:
+            for offset, number in zip(self.offsets, self.line_numbers):
+                handle.seek(int(offset))
+                yield f"{self.path}:{int(number)}", handle.readline()
+
+
+def parse_sample(raw: bytes | str, where: str) -> Sample:
+    """Validate one JSONL line: JSON, keys, roles and their order, <image> placeholders vs images."""
+    try:
+        item = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SampleError(where, f"invalid JSON ({getattr(err, 'msg', err)})", "invalid JSON") from None
+    if not isinstance(item, dict):
+        raise SampleError(where, f"expected a JSON object, found {type(item).__name__}", "missing keys")
+    images = _images_of(item, where)
+    conversations = item.get("conversations")
+    if not isinstance(conversations, list) or not conversations:
+        raise SampleError(where, "missing key 'conversations' (a non-empty list of {from, value} turns)", "missing keys")
+    system, turns = _turns_of(conversations, where)
+    _check_placeholders(turns, images, where)
+    return Sample(where=where, images=images, system=system, turns=turns)
+
+
+def _images_of(item: dict, where: str) -> tuple[str, ...]:
+    value = item.get("image")
+    if value is None or value == "" or value == []:
+        return ()
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list) or not all(isinstance(v, str) and v for v in values):
+        raise SampleError(where, "'image' must be a path string or a list of path strings", "missing keys")
+    for path in values:
+        if PurePosixPath(path).is_absolute() or PureWindowsPath(path).is_absolute():
+            raise SampleError(
+                where, f"image path {path!r} is absolute; paths must be relative to the dataset root", "path escapes root"
+            )
+        if ".." in PurePosixPath(path.replace("\\", "/")).parts:
+            raise SampleError(where, f"image path {path!r} escapes the dataset root ('..')", "path escapes root")
+    return tuple(values)
+
+
+def _turns_of(conversations: list, where: str) -> tuple[str | None, tuple[Turn, ...]]:
+    parsed = []
+    for number, turn in enumerate(conversations, start=1):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or turn.get("from") not in ROLES:
+            raise SampleError(
+                where,
+                f"turn {number}: expected {{\"from\": one of {list(ROLES)}, \"value\": string}}, found {turn!r:.80}",
+                "wrong roles or order",
+            )
+        parsed.append(Turn(turn["from"], turn["value"]))
+    system = None
+    if parsed[0].role == "system":
+        system = parsed.pop(0).text
+    if not parsed:
+        raise SampleError(where, "only a system turn; expected human/gpt turns after it", "wrong roles or order")
+    for index, turn in enumerate(parsed):
+        expected = "human" if index % 2 == 0 else "gpt"
+        if turn.role != expected:
+            position = index + 1 + (system is not None)
+            detail = "a system turn is only allowed first" if turn.role == "system" else "human and gpt must alternate"
+            raise SampleError(
+                where, f"turn {position}: expected {expected!r}, found {turn.role!r} ({detail})", "wrong roles or order"
+            )
+    if parsed[-1].role != "gpt":
+        raise SampleError(where, "the last turn is from 'human': there is no answer to learn from", "wrong roles or order")
+    return system, tuple(parsed)
+
+
+def _check_placeholders(turns: tuple[Turn, ...], images: tuple[str, ...], where: str) -> None:
+    in_answers = sum(turn.text.count(IMAGE_PLACEHOLDER) for turn in turns if turn.role == "gpt")
+    if in_answers:
+        raise SampleError(
+            where, f"{IMAGE_PLACEHOLDER} appears in an assistant (gpt) turn; it belongs in human turns", "image count"
+        )
+    count = sum(turn.text.count(IMAGE_PLACEHOLDER) for turn in turns)
+    if not images and count:
+        raise SampleError(where, f"{count} {IMAGE_PLACEHOLDER} placeholder(s) but no 'image'", "image count")
+    # Upstream adds "<image>\n" in front of the first question of a one-image sample that has none.
+    if len(images) == 1 and count == 0:
+        return
+    if images and count != len(images):
+        raise SampleError(
+            where, f"{count} {IMAGE_PLACEHOLDER} placeholder(s) for {len(images)} image(s); they must match", "image count"
+        )
+
+
+def with_image_placeholder(sample: Sample) -> tuple[Turn, ...]:
+    """The turns, with upstream's "<image>\\n" prefix added to a one-image sample that lacks it."""
+    turns = sample.turns
+    if len(sample.images) == 1 and not any(IMAGE_PLACEHOLDER in turn.text for turn in turns):
+        turns = (Turn(turns[0].role, IMAGE_PLACEHOLDER + "\n" + turns[0].text),) + turns[1:]
+    return turns
+
+
+def image_path(spec: DatasetSpec, relative: str, where: str) -> Path:
+    """The file of an image entry; refuses paths that leave the dataset root (also through symlinks)."""
+    path = (spec.root / relative).resolve()
+    root = spec.root.resolve()
+    if os.path.commonpath([root, path]) != str(root):
+        raise SampleError(where, f"image path {relative!r} resolves outside the dataset root {root}", "path escapes root")
+    return path
+
+
+def epoch_indices(spec: DatasetSpec, num_lines: int) -> np.ndarray:
+    """Line indices one pass over a dataset uses: ``repeat_time`` < 1 keeps the first fraction of the
+    lines (as upstream), > 1 repeats them."""
+    if spec.repeat_time < 1:
+        return np.arange(int(num_lines * spec.repeat_time))
+    return np.tile(np.arange(num_lines), int(spec.repeat_time))

@@ -1,0 +1,48 @@
+"""Fixtures for the data tests: images, JSONL files and meta JSONs written by the tests."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vitp.data.template import prepare_tokenizer
+from vitp.data.tokenizer import train_tokenizer
+
+CORPUS = [
+    "What is in this image? A harbour with many boats.",
+    "Is there water in the image? Yes, most of it is water.",
+    "Describe the scene. Farmland, forest, marsh, beach and open sea.",
+    "Which option matches the image? A. forest B. farmland C. sea",
+] * 10
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer():
+    tokenizer = train_tokenizer(CORPUS, vocab_size=300)
+    prepare_tokenizer(tokenizer)
+    return tokenizer
+
+
+def save_image(path, width, height, seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def write_dataset(directory, lines, name="ds", **meta_fields):
+    """Write lines (dicts or raw strings) as JSONL and a meta JSON for them; returns the meta path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "images").mkdir(exist_ok=True)
+    text = "\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n"
+    (directory / f"{name}.jsonl").write_text(text)
+    meta = {name: {"root": "images", "annotation": f"{name}.jsonl", "data_augment": False, "repeat_time": 1,
+                   "length": len(lines), **meta_fields}}
+    meta_path = directory / f"meta_{name}.json"
+    meta_path.write_text(json.dumps(meta))
+    return meta_path
+
+
+def conversation(question="<image>\nWhat is in this image?", answer="A harbour."):
+    return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]

@@ -1,0 +1,121 @@
+"""The training dataset and collator: tiles, image-token counts, drops, padding."""
+
+import json
+
+import pytest
+import torch
+
+from vitp.data.dataset import Collator, DataSettings, InstructionDataset
+from vitp.data.meta import read_meta
+from vitp.data.template import IGNORE_INDEX
+
+from conftest import conversation, save_image, write_dataset
+
+SETTINGS = DataSettings(force_image_size=28, num_image_token=4, max_dynamic_patch=6, max_seq_length=2048,
+                        system_message="Answer briefly.")
+
+
+def dataset_of(tmp_path, lines, tokenizer, settings=SETTINGS, train=True, **meta_fields):
+    meta_path = write_dataset(tmp_path, lines, **meta_fields)
+    return InstructionDataset(read_meta(meta_path), tokenizer, settings, train=train)
+
+
+def count_context(tokenizer, ids):
+    return int((ids == tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")).sum())
+
+
+def test_multi_tile_image(tmp_path, bpe_tokenizer):
+    save_image(tmp_path / "images" / "wide.png", 200, 100)  # aspect 2 -> 2x1 grid + thumbnail
+    data = dataset_of(tmp_path, [{"image": "wide.png", "conversations": conversation()}], bpe_tokenizer)
+    item = data[0]
+    assert item["pixel_values"].shape == (3, 3, 28, 28) and item["num_tiles"] == 3
+    assert count_context(bpe_tokenizer, item["input_ids"]) == 3 * 4
+    assert item["dropped"] == []
+
+
+def test_multi_image_budget_is_shared(tmp_path, bpe_tokenizer):
+    save_image(tmp_path / "images" / "a.png", 300, 100)  # alone: 3x1 + thumbnail; with budget 3: 3x1 + thumbnail
+    save_image(tmp_path / "images" / "b.png", 400, 100)  # alone: 4x1 + thumbnail; with budget 3: 3x1 + thumbnail
+    line = {"image": ["a.png", "b.png"], "conversations": conversation("<image>\n<image>\nSame place?", "Yes.")}
+    item = dataset_of(tmp_path, [line], bpe_tokenizer)[0]  # max_dynamic_patch 6 // 2 images = 3
+    assert item["num_tiles"] == 8
+    assert count_context(bpe_tokenizer, item["input_ids"]) == 8 * 4
+
+
+def test_per_dataset_max_dynamic_patch_overrides_the_global_one(tmp_path, bpe_tokenizer):
+    save_image(tmp_path / "images" / "wide.png", 600, 100)
+    data = dataset_of(tmp_path, [{"image": "wide.png", "conversations": conversation()}], bpe_tokenizer, max_dynamic_patch=2)
+    assert data[0]["num_tiles"] == 3  # 2x1 + thumbnail instead of 6x1 + thumbnail
+
+
+def test_single_image_without_placeholder_gets_one(tmp_path, bpe_tokenizer):
+    save_image(tmp_path / "images" / "sq.png", 20, 20)  # small: one tile, no thumbnail
+    item = dataset_of(tmp_path, [{"image": "sq.png", "conversations": conversation("What is it?", "Sea.")}], bpe_tokenizer)[0]
+    assert count_context(bpe_tokenizer, item["input_ids"]) == 4
+    assert "<img>" in bpe_tokenizer.decode(item["input_ids"])
+
+
+def test_bad_lines_are_skipped_and_reported_not_raised(tmp_path, bpe_tokenizer):
+    save_image(tmp_path / "images" / "ok.png", 50, 50)
+    lines = [
+        "{broken json",
+        {"image": "missing.png", "conversations": conversation()},
+        {"image": "ok.png", "conversations": conversation()},
+    ]
+    data = dataset_of(tmp_path, lines, bpe_tokenizer)
+    item = data[0]
+    assert item["where"].endswith("ds.jsonl:3")
+    assert [(where.rsplit(":", 1)[1], kind) for where, kind, _ in item["dropped"]] == [("1", "invalid JSON"), ("2", "missing image")]
+
+
+def test_sample_whose_image_would_be_cut_is_dropped(tmp_path, bpe_tokenizer):
+    save_image(tmp_path / "images" / "wide.png", 600, 100)
+    settings = DataSettings(force_image_size=28, num_image_token=64, max_dynamic_patch=6, max_seq_length=200,
+                            system_message="s")
+    lines = [{"image": "wide.png", "conversations": conversation()}, {"conversations": conversation("hi", "ho")}]
+    item = dataset_of(tmp_path, lines, bpe_tokenizer, settings=settings)[0]
+    assert item["num_tiles"] == 0 and item["where"].endswith(":2")
+    (where, kind, reason), = item["dropped"]
+    assert kind == "too long" and "would cut image 1" in reason
+
+
+def test_jpeg_augmentation_only_when_asked_and_training(tmp_path, bpe_tokenizer):
+    save_image(tmp_path / "images" / "sq.png", 28, 28)
+    lines = [{"image": "sq.png", "conversations": conversation()}]
+    plain = dataset_of(tmp_path / "a", lines, bpe_tokenizer)
+    save_image(tmp_path / "a" / "images" / "sq.png", 28, 28)
+    save_image(tmp_path / "b" / "images" / "sq.png", 28, 28)
+    augmented = dataset_of(tmp_path / "b", lines, bpe_tokenizer, data_augment=True)
+    evaluation = InstructionDataset(augmented.specs, bpe_tokenizer, SETTINGS, train=False)
+    assert torch.equal(plain[0]["pixel_values"], evaluation[0]["pixel_values"])
+    assert not torch.equal(plain[0]["pixel_values"], augmented[0]["pixel_values"])
+
+
+def test_collator_pads_to_the_longest_sample_and_maps_tiles(tmp_path, bpe_tokenizer):
+    save_image(tmp_path / "images" / "wide.png", 200, 100)
+    lines = [
+        {"image": "wide.png", "conversations": conversation()},
+        {"conversations": conversation("hi", "A much longer answer than the other one, with many more words in it.")},
+    ]
+    data = dataset_of(tmp_path, lines, bpe_tokenizer)
+    samples = [data[0], data[1]]
+    batch = Collator(bpe_tokenizer.pad_token_id)(samples)
+    lengths = [len(s["input_ids"]) for s in samples]
+    assert batch["input_ids"].shape == (2, max(lengths)) and max(lengths) < SETTINGS.max_seq_length
+    short = lengths.index(min(lengths))
+    assert (batch["input_ids"][short, min(lengths):] == bpe_tokenizer.pad_token_id).all()
+    assert (batch["labels"][short, min(lengths):] == IGNORE_INDEX).all()
+    assert batch["attention_mask"].sum(1).tolist() == lengths
+    assert batch["pixel_values"].shape == (3, 3, 28, 28)
+    assert batch["num_tiles"].tolist() == [3, 0] and batch["tile_sample_index"].tolist() == [0, 0, 0]
+
+
+def test_works_with_a_dataloader_and_workers(tmp_path, bpe_tokenizer):
+    for i in range(4):
+        save_image(tmp_path / "images" / f"{i}.png", 40 + 30 * i, 40)
+    lines = [{"image": f"{i}.png", "conversations": conversation()} for i in range(4)]
+    data = dataset_of(tmp_path, lines, bpe_tokenizer)
+    loader = torch.utils.data.DataLoader(data, batch_size=2, num_workers=2, collate_fn=Collator(bpe_tokenizer.pad_token_id))
+    batches = list(loader)
+    assert sum(len(b["input_ids"]) for b in batches) == 4
+    assert sum(int(b["num_tiles"].sum()) for b in batches) == sum(int(data[i]["num_tiles"]) for i in range(4))
