@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from vitp import build_vit
+from vitp.data.template import prepare_tokenizer
+from vitp.data.tokenizer import train_tokenizer
 from vitp_testing import randomize_
 
 torch.set_num_threads(2)
@@ -22,3 +24,18 @@ def tiny_vit():
 @pytest.fixture
 def pixels():
     return torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(1))
+
+
+CORPUS = [
+    "What is in this image? A harbour with many boats.",
+    "Is there water in the image? Yes, most of it is water.",
+    "Describe the scene. Farmland, forest, marsh, beach and open sea.",
+    "Which option matches the image? A. forest B. farmland C. sea",
+] * 10
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer():
+    tokenizer = train_tokenizer(CORPUS, vocab_size=300)
+    prepare_tokenizer(tokenizer)
+    return tokenizer

@@ -11,3 +11,28 @@ def randomize_(model: torch.nn.Module, std: float = 0.2, seed: int = 0) -> torch
         for parameter in model.parameters():
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
     return model
+
+
+def hf_to_remote_code(hf_state, depth, prefix="vision_model."):
+    """InternVL remote-code names for a transformers InternVLVisionModel state dict, written out
+    independently of vitp's key table (remote code fuses q, k, v into one qkv tensor)."""
+    out = {
+        prefix + "embeddings.class_embedding": hf_state["embeddings.cls_token"],
+        prefix + "embeddings.position_embedding": hf_state["embeddings.position_embeddings"],
+        prefix + "embeddings.patch_embedding.weight": hf_state["embeddings.patch_embeddings.projection.weight"],
+        prefix + "embeddings.patch_embedding.bias": hf_state["embeddings.patch_embeddings.projection.bias"],
+    }
+    for i in range(depth):
+        src, dst = f"encoder.layer.{i}.", f"{prefix}encoder.layers.{i}."
+        for kind in ("weight", "bias"):
+            out[dst + f"attn.qkv.{kind}"] = torch.cat(
+                [hf_state[src + f"attention.{p}_proj.{kind}"] for p in "qkv"]
+            )
+            out[dst + f"attn.proj.{kind}"] = hf_state[src + f"attention.projection_layer.{kind}"]
+            out[dst + f"norm1.{kind}"] = hf_state[src + f"layernorm_before.{kind}"]
+            out[dst + f"norm2.{kind}"] = hf_state[src + f"layernorm_after.{kind}"]
+            out[dst + f"mlp.fc1.{kind}"] = hf_state[src + f"mlp.fc1.{kind}"]
+            out[dst + f"mlp.fc2.{kind}"] = hf_state[src + f"mlp.fc2.{kind}"]
+        out[dst + "ls1"] = hf_state[src + "lambda_1"]
+        out[dst + "ls2"] = hf_state[src + "lambda_2"]
+    return {k: v.clone().contiguous() for k, v in out.items()}

@@ -500,7 +500,7 @@ def read_vit_state(
         parts = [loaded[prefix + name] for name in names[key]]
         state[key] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
     if tuple(state["pos_embed"].shape) != expected["pos_embed"]:
-        state["pos_embed"] = _resample_pos_embed(state["pos_embed"], model, checkpoint)
+        state["pos_embed"] = _resample_pos_embed(state["pos_embed"], expected["pos_embed"][1], checkpoint.path)
     target = dtype or _dominant_dtype(state)
     return {key: tensor.to(target) for key, tensor in state.items()}
 
@@ -518,16 +518,13 @@ def _natural_sorted(keys: Iterable[str]) -> list[str]:
     return sorted(keys, key=lambda key: [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key)])
 
 
-def _resample_pos_embed(tensor: torch.Tensor, model: InternViT, checkpoint: Checkpoint) -> torch.Tensor:
+def _resample_pos_embed(tensor: torch.Tensor, target_tokens: int, where: object) -> torch.Tensor:
     """A position embedding for another patch grid, resampled like InternVL does (bicubic, no antialias)."""
     side = round((tensor.shape[1] - 1) ** 0.5)
-    target = model.patch_embed.grid_size
-    logger.warning(
-        "%s: position embedding resampled from a %dx%d to a %dx%d patch grid (image size %d)",
-        checkpoint.path, side, side, target[0], target[1], model.config.image_size,
-    )
+    target = round((target_tokens - 1) ** 0.5)
+    logger.warning("%s: position embedding resampled from a %dx%d to a %dx%d patch grid", where, side, side, target, target)
     resampled = resample_abs_pos_embed(
-        tensor.float(), new_size=target, old_size=(side, side), num_prefix_tokens=1, antialias=False
+        tensor.float(), new_size=(target, target), old_size=(side, side), num_prefix_tokens=1, antialias=False
     )
     return resampled.to(tensor.dtype)
 
@@ -621,3 +618,99 @@ def config_from_argument(value: str, **overrides: Any) -> VisionConfig:
         raise ConfigError(f"--vit_config {value!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a JSON file")
     values = read_json(path)
     return _config_from_vitp(values.get("vision_config", values), str(path)).replace(**overrides)
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole vision-language model
+#
+# Our module: vision_model.<timm names>, mlp1.{0,1,3}, language_model.<the HF causal LM's names>.
+# InternVL remote code: the same, with InternViT names under vision_model.
+# transformers InternVL (as written on disk): vision_tower.<hf names>, multi_modal_projector.*,
+# language_model.model.*, language_model.lm_head.* (older/hub files: model.vision_tower., lm_head., ...).
+
+_VLM_RENAMES = {
+    # our prefix: (InternVL remote-code prefix, transformers prefix)
+    "mlp1.0.": ("mlp1.0.", "multi_modal_projector.layer_norm."),
+    "mlp1.1.": ("mlp1.1.", "multi_modal_projector.linear_1."),
+    "mlp1.3.": ("mlp1.3.", "multi_modal_projector.linear_2."),
+    "language_model.": ("language_model.", "language_model."),
+}
+# Spellings transformers accepts for the same tensors, rewritten to the on-disk form above.
+_HF_ALIASES = (
+    ("model.vision_tower.", "vision_tower."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("model.language_model.", "language_model.model."),
+    ("lm_head.", "language_model.lm_head."),
+)
+VISION_PREFIX = {"internvit": "vision_model.", "hf": "vision_tower."}
+
+
+def canonical_hf_key(key: str) -> str:
+    for alias, canonical in _HF_ALIASES:
+        if key.startswith(alias):
+            return canonical + key[len(alias) :]
+    return key
+
+
+def vlm_foreign_names(our_key: str, layout: str) -> tuple[str, ...]:
+    """Name(s) of one of our VLM tensors in ``layout`` ("internvit" = remote code, "hf" = transformers)."""
+    if our_key.startswith("vision_model."):
+        return tuple(VISION_PREFIX[layout] + n for n in foreign_names(our_key[len("vision_model.") :], layout))
+    for prefix, (remote, hf) in _VLM_RENAMES.items():
+        if our_key.startswith(prefix):
+            return ((remote if layout == "internvit" else hf) + our_key[len(prefix) :],)
+    raise KeyError(f"{our_key!r} is not a parameter of the vision-language model")
+
+
+def vlm_to_hf_state(state: Mapping[str, torch.Tensor], tied_lm_head: bool) -> dict[str, torch.Tensor]:
+    """Our VLM state dict under transformers' names (a tied LM head is written once, as embeddings)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        if tied_lm_head and key == "language_model.lm_head.weight":
+            continue
+        names = vlm_foreign_names(key, "hf")
+        parts = tensor.chunk(len(names), dim=0) if len(names) > 1 else (tensor,)
+        for name, part in zip(names, parts):
+            out[name] = part.clone() if len(names) > 1 else part
+    return out
+
+
+def read_vlm_state(
+    source: TensorSource, layout: str, expected: Mapping[str, tuple[int, ...]], tied_lm_head: bool, where: str,
+    kind: str,
+) -> dict[str, torch.Tensor]:
+    """Our VLM's tensors from a checkpoint in ``layout``, strictly: every expected tensor present with
+    its shape, nothing left over (a tied LM head may be absent)."""
+    on_disk = {(canonical_hf_key(k) if layout == "hf" else k): k for k in source.keys()}
+    names = {key: vlm_foreign_names(key, layout) for key in expected}
+    optional = {"language_model.lm_head.weight"} if tied_lm_head else set()
+    missing = [n for key, ns in names.items() if key not in optional for n in ns if n not in on_disk]
+    used = {n for ns in names.values() for n in ns if n in on_disk}
+    unexpected = _natural_sorted(set(on_disk) - used)
+    shapes = source.shapes(on_disk[n] for n in used)
+    wrong = []
+    for key, ns in names.items():
+        if not all(n in on_disk for n in ns):
+            continue
+        parts = [shapes[on_disk[n]] for n in ns]
+        found = parts[0] if len(parts) == 1 else (sum(p[0] for p in parts), *parts[0][1:])
+        other_grid = key == "vision_model.pos_embed" and _is_other_grid(found, tuple(expected[key]))
+        if found != tuple(expected[key]) and not other_grid:
+            wrong.append(f"{' / '.join(ns)} is {' + '.join(str(list(p)) for p in parts)}, expected {list(expected[key])}")
+    if missing or unexpected or wrong:
+        lines = [f"cannot load the vision-language model from {where}", f"  detected format: {kind}"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if items:
+                shown = "; ".join(items[:5]) + (f"; ... ({len(items) - 5} more)" if len(items) > 5 else "")
+                lines.append(f"  {title} ({len(items)}): {shown}")
+        raise WeightFormatError("\n".join(lines))
+    loaded = source.load(on_disk[n] for n in used)
+    state = {}
+    for key, ns in names.items():
+        if all(n in on_disk for n in ns):
+            parts = [loaded[on_disk[n]] for n in ns]
+            state[key] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+    pos_embed = state.get("vision_model.pos_embed")
+    if pos_embed is not None and tuple(pos_embed.shape) != tuple(expected["vision_model.pos_embed"]):
+        state["vision_model.pos_embed"] = _resample_pos_embed(pos_embed, expected["vision_model.pos_embed"][1], where)
+    return state

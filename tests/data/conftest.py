@@ -3,25 +3,7 @@
 import json
 
 import numpy as np
-import pytest
 from PIL import Image
-
-from vitp.data.template import prepare_tokenizer
-from vitp.data.tokenizer import train_tokenizer
-
-CORPUS = [
-    "What is in this image? A harbour with many boats.",
-    "Is there water in the image? Yes, most of it is water.",
-    "Describe the scene. Farmland, forest, marsh, beach and open sea.",
-    "Which option matches the image? A. forest B. farmland C. sea",
-] * 10
-
-
-@pytest.fixture(scope="session")
-def bpe_tokenizer():
-    tokenizer = train_tokenizer(CORPUS, vocab_size=300)
-    prepare_tokenizer(tokenizer)
-    return tokenizer
 
 
 def save_image(path, width, height, seed=0):

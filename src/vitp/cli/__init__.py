@@ -8,10 +8,10 @@ import logging
 import sys
 from typing import Sequence
 
-from vitp.cli import data, retrieval, vit
+from vitp.cli import data, retrieval, train, vit
 from vitp.errors import VitpError
 
-STAGES = (vit, data, retrieval)
+STAGES = (vit, data, train, retrieval)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -143,7 +143,8 @@ class Collator:
 
     Returns ``input_ids``/``labels``/``attention_mask`` (batch, longest), ``pixel_values`` (tiles, 3, H, W),
     ``num_tiles`` (batch,) and ``tile_sample_index`` (tiles,): which sample each tile belongs to, plus
-    ``dropped``: (file:line, kind, reason) of lines skipped while building the batch.
+    ``where`` (file:line of each sample) and ``dropped``: (file:line, kind, reason) of lines skipped while
+    building the batch.
     """
 
     def __init__(self, pad_token_id: int):
@@ -168,5 +169,6 @@ class Collator:
             "pixel_values": torch.cat([sample["pixel_values"] for sample in samples]),
             "num_tiles": num_tiles,
             "tile_sample_index": torch.repeat_interleave(torch.arange(batch), num_tiles),
+            "where": [sample["where"] for sample in samples],
             "dropped": [drop for sample in samples for drop in sample.get("dropped", [])],
         }

@@ -1,0 +1,104 @@
+"""`vitp pretrain` and `vitp export-vit`: stage 1, with upstream's flag names."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from pathlib import Path
+
+
+def _bool(value: str) -> bool:
+    """Accept `--bf16` and upstream's HfArgumentParser spelling `--bf16 True`."""
+    lowered = str(value).lower()
+    if lowered in ("1", "true", "yes", "y"):
+        return True
+    if lowered in ("0", "false", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def _add_config_fields(parser: argparse.ArgumentParser) -> None:
+    """One flag per PretrainConfig field, typed from its annotation. Flags not given stay out of the
+    namespace (SUPPRESS), so that --config values apply unless the command line sets them."""
+    from vitp.train.pretrain import PretrainConfig
+
+    hints = typing.get_type_hints(PretrainConfig)
+    for field in dataclasses.fields(PretrainConfig):
+        kind = hints[field.name]
+        base = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
+        default = None if field.default is dataclasses.MISSING else field.default
+        shown = f" (default: {default})" if default not in (None, "") else ""
+        if base is bool:
+            parser.add_argument(f"--{field.name}", type=_bool, nargs="?", const=True, default=argparse.SUPPRESS,
+                                help=f"true/false{shown}")
+        else:
+            parser.add_argument(f"--{field.name}", type=base, default=argparse.SUPPRESS, help=shown.strip() or None)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    pretrain = subparsers.add_parser(
+        "pretrain",
+        help="ViTP pretraining of an InternVL-style model (one process, torchrun, DeepSpeed or FSDP)",
+        description=(
+            "Train on a meta JSON of image + conversation data. Flags keep upstream's names; --config reads "
+            "them from a YAML or JSON file (flags given on the command line win). TMAug: --TMAug_prob P is "
+            "ViTP's flag (drop a fraction P of the image tokens with probability 1-P); --tmaug_prob/--tmaug_ratio/"
+            "--tmaug_mode set the three explicitly. Launch on N GPUs with `torchrun --nproc_per_node N -m vitp.cli "
+            "pretrain ...`."
+        ),
+    )
+    pretrain.add_argument("--config", help="YAML or JSON file of flag values")
+    _add_config_fields(pretrain)
+    pretrain.set_defaults(handler=_run_pretrain)
+
+    export = subparsers.add_parser(
+        "export-vit",
+        help="write the ViT of a checkpoint as a ViTP-release safetensors and an HF InternVLVisionModel",
+    )
+    export.add_argument("checkpoint", help="a pretraining checkpoint or output directory (or any InternVL checkpoint)")
+    export.add_argument("output_dir")
+    export.add_argument("--key_prefix", default="vision_model.", help="key prefix in vit.safetensors (default: %(default)s)")
+    export.set_defaults(handler=_run_export)
+
+
+def load_config_file(path: str) -> dict:
+    from vitp.errors import ConfigError
+    from vitp.train.pretrain import PretrainConfig
+
+    text = Path(path).read_text(encoding="utf-8")
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        values = yaml.safe_load(text) or {}
+    else:
+        values = json.loads(text)
+    known = {f.name for f in dataclasses.fields(PretrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown settings {unknown}")
+    return values
+
+
+def _run_pretrain(args: argparse.Namespace) -> int:
+    from vitp.errors import ConfigError
+    from vitp.train.pretrain import PretrainConfig, pretrain
+
+    values = load_config_file(args.config) if args.config else {}
+    fields = {f.name for f in dataclasses.fields(PretrainConfig)}
+    values.update({key: value for key, value in vars(args).items() if key in fields})  # the command line wins
+    for required in ("meta_path", "output_dir"):
+        if not values.get(required):
+            raise ConfigError(f"--{required} is required (on the command line or in --config)")
+    output = pretrain(PretrainConfig(**values))
+    print(f"model written to {output} (transformers InternVL directory); loss curve {output / 'loss.png'}")
+    return 0
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from vitp.train.export import export_vit
+
+    for path in export_vit(args.checkpoint, args.output_dir, key_prefix=args.key_prefix):
+        print(f"wrote {path}")
+    return 0

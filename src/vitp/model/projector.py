@@ -1,0 +1,26 @@
+"""Between the ViT and the LLM: pixel shuffle (InternVL's "v2") and the MLP projector ``mlp1``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def pixel_shuffle(features: torch.Tensor, scale: float = 0.5) -> torch.Tensor:
+    """(N, W, H, C) -> (N, W*scale, H*scale, C/scale²): merge each 2x2 block of patch tokens into one.
+
+    InternVL's "v2" order: fold H into channels, transpose, fold W, transpose back, so that the token
+    grid keeps its orientation."""
+    n, w, h, c = features.shape
+    if (h * scale) % 1 or (w * scale) % 1:
+        raise ValueError(f"a {w}x{h} token grid cannot be pixel-shuffled by {scale}")
+    x = features.reshape(n, w, int(h * scale), int(c / scale))
+    x = x.permute(0, 2, 1, 3).reshape(n, int(h * scale), int(w * scale), int(c / (scale * scale)))
+    return x.permute(0, 2, 1, 3).contiguous()
+
+
+def build_projector(vision_hidden: int, llm_hidden: int, downsample_ratio: float) -> nn.Sequential:
+    """``mlp1``: LayerNorm -> Linear -> GELU -> Linear, from shuffled ViT tokens to LLM embeddings.
+    Indices 0, 1, 3 are the parameter names InternVL checkpoints use (mlp1.0, mlp1.1, mlp1.3)."""
+    width = vision_hidden * int(round(1 / downsample_ratio)) ** 2
+    return nn.Sequential(nn.LayerNorm(width), nn.Linear(width, llm_hidden), nn.GELU(), nn.Linear(llm_hidden, llm_hidden))

@@ -1,0 +1,270 @@
+"""ViTP pretraining (stage 1), on the transformers Trainer.
+
+Read top to bottom: build or load the model and tokenizer, build the dataset, configure the Trainer
+(one process, torchrun, DeepSpeed ZeRO or FSDP all go through it), resume if the output folder holds
+checkpoints, train, save a transformers-native InternVL directory and draw the loss curve.
+
+What the Trainer does not do, ``VitpTrainer`` adds: checkpoints written as transformers InternVL
+directories (and read back strictly on resume), and logs of tokens/s, TMAug statistics and the
+samples the data checks dropped (each bad line reported once).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from transformers import Trainer, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from vitp.data.dataset import Collator, DataSettings, InstructionDataset
+from vitp.data.meta import read_meta
+from vitp.data.tokenizer import load_tokenizer
+from vitp.errors import ConfigError
+from vitp.model.checkpoint import build_vlm, load_vlm, load_vlm_weights, save_vlm
+from vitp.model.tmaug import TMAugConfig
+from vitp.model.vlm import VisionLanguageModel, VLMConfig
+from vitp.train.plots import plot_loss_curve
+
+logger = logging.getLogger("vitp")
+
+
+@dataclass
+class PretrainConfig:
+    """Every setting of a run; the names are upstream's flags where they exist."""
+
+    meta_path: str
+    output_dir: str
+    model_name_or_path: str | None = None  # InternVL remote-code or transformers directory
+    model_preset: str | None = None  # or a from-scratch preset (internvl-tiny, internvl-small, internvl-demo)
+    tokenizer: str | None = None  # tokenizer directory for a from-scratch model
+    # data (upstream names)
+    force_image_size: int | None = None  # default: the model's tile size
+    min_dynamic_patch: int = 1
+    max_dynamic_patch: int = 6
+    use_thumbnail: bool = True
+    dynamic_image_size: bool = True
+    max_seq_length: int = 4096
+    system_message: str | None = None
+    # model
+    vision_select_layer: int | None = None
+    drop_path_rate: float = 0.0
+    freeze_llm: bool = False
+    freeze_backbone: bool = False
+    freeze_mlp: bool = False
+    grad_checkpoint: bool = False
+    # TMAug: either upstream's single flag, or the explicit triple
+    TMAug_prob: float | None = None
+    tmaug_prob: float = 0.0
+    tmaug_ratio: float = 0.0
+    tmaug_mode: str = "drop"
+    # optimisation (passed to TrainingArguments)
+    max_steps: int = 1000
+    learning_rate: float = 2e-5
+    per_device_train_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    lr_scheduler_type: str = "cosine"
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    bf16: bool = False
+    save_steps: int = 500
+    save_total_limit: int | None = 3
+    logging_steps: int = 10
+    dataloader_num_workers: int = 2
+    deepspeed: str | None = None
+    fsdp: str = ""
+    fsdp_config: str | None = None
+    report_to: str = "tensorboard"
+    resume_from_checkpoint: str | None = None  # default: the last checkpoint in output_dir, if any
+    overwrite_output_dir: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+    def tmaug(self) -> TMAugConfig:
+        if self.TMAug_prob is not None:
+            if self.tmaug_prob or self.tmaug_ratio:
+                raise ConfigError("give either --TMAug_prob (upstream) or --tmaug_prob/--tmaug_ratio, not both")
+            return TMAugConfig.from_upstream(self.TMAug_prob)
+        return TMAugConfig(prob=self.tmaug_prob, ratio=self.tmaug_ratio, mode=self.tmaug_mode)
+
+
+def pretrain(config: PretrainConfig) -> Path:
+    set_seed(config.seed)
+    model, tokenizer = load_model(config)
+    model.freeze(llm=config.freeze_llm, backbone=config.freeze_backbone, mlp=config.freeze_mlp)
+    if config.grad_checkpoint:
+        model.set_gradient_checkpointing(True)
+    settings = DataSettings(
+        force_image_size=model.vlm_config.vision.image_size,
+        num_image_token=model.vlm_config.num_image_token,
+        min_dynamic_patch=config.min_dynamic_patch,
+        max_dynamic_patch=config.max_dynamic_patch,
+        use_thumbnail=config.use_thumbnail,
+        dynamic_image_size=config.dynamic_image_size,
+        max_seq_length=config.max_seq_length,
+        system_message=config.system_message,
+    )
+    dataset = InstructionDataset(read_meta(config.meta_path), tokenizer, settings, train=True)
+    trainer = VitpTrainer(
+        model=model,
+        args=training_arguments(config),
+        train_dataset=dataset,
+        data_collator=Collator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+    )
+    resume = resume_checkpoint(config)
+    if resume:
+        logger.info("resuming from %s", resume)
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(config.output_dir)
+    if trainer.is_world_process_zero():
+        plot_loss_curve(trainer.state.log_history, Path(config.output_dir) / "loss.png")
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return Path(config.output_dir)
+
+
+def load_model(config: PretrainConfig) -> tuple[VisionLanguageModel, Any]:
+    """A checkpoint directory, or a preset from scratch with a tokenizer directory."""
+    tmaug = config.tmaug()
+    if config.model_name_or_path:
+        if config.model_preset:
+            raise ConfigError("give --model_name_or_path or --model_preset, not both")
+        model, tokenizer = load_vlm(config.model_name_or_path, tmaug=tmaug, drop_path_rate=config.drop_path_rate,
+                                    image_size=config.force_image_size)
+    elif config.model_preset:
+        if not config.tokenizer:
+            raise ConfigError("a from-scratch --model_preset needs --tokenizer (see `vitp tokenizer train`)")
+        tokenizer = load_tokenizer(config.tokenizer)
+        overrides = {"drop_path_rate": config.drop_path_rate}
+        if config.force_image_size:
+            overrides["image_size"] = config.force_image_size
+        model = build_vlm(config.model_preset, tokenizer, tmaug, **overrides)
+    else:
+        raise ConfigError("give --model_name_or_path (a checkpoint) or --model_preset (from scratch)")
+    if config.vision_select_layer is not None:
+        model.vision_model.resolve_layer(config.vision_select_layer)  # validates the index
+        model.vlm_config = dataclasses.replace(model.vlm_config, select_layer=config.vision_select_layer)
+    return model, tokenizer
+
+
+def training_arguments(config: PretrainConfig) -> TrainingArguments:
+    on_gpu = torch.cuda.is_available()
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(config.output_dir) / "runs"))
+    return TrainingArguments(
+        output_dir=config.output_dir,
+        max_steps=config.max_steps,
+        learning_rate=config.learning_rate,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        warmup_steps=config.warmup_ratio,  # transformers 5: a float below 1 is a fraction of max_steps
+        weight_decay=config.weight_decay,
+        lr_scheduler_type=config.lr_scheduler_type,
+        max_grad_norm=config.max_grad_norm,
+        seed=config.seed,
+        bf16=config.bf16,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        logging_steps=config.logging_steps,
+        report_to=[] if config.report_to in ("", "none") else [config.report_to],
+        dataloader_num_workers=config.dataloader_num_workers,
+        dataloader_persistent_workers=config.dataloader_num_workers > 0,
+        remove_unused_columns=False,  # the collator's extra fields (num_tiles, where, dropped) are used
+        deepspeed=config.deepspeed,
+        fsdp=config.fsdp,
+        fsdp_config=config.fsdp_config,
+        ddp_backend="gloo" if distributed and not on_gpu else None,  # torchrun on CPUs (tests, laptops)
+        ddp_find_unused_parameters=False,
+        use_cpu=not on_gpu,
+        disable_tqdm=False,
+    )
+
+
+def resume_checkpoint(config: PretrainConfig) -> str | None:
+    """An explicit --resume_from_checkpoint, else the last checkpoint-N in output_dir (as upstream)."""
+    if config.resume_from_checkpoint:
+        return config.resume_from_checkpoint
+    output = Path(config.output_dir)
+    if config.overwrite_output_dir or not output.is_dir():
+        return None
+    return get_last_checkpoint(str(output))
+
+
+class VitpTrainer(Trainer):
+    """The transformers Trainer with vitp's checkpoints and logs."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._window = {"answer_tokens": 0, "sequence_tokens": 0, "tmaug_samples": 0, "tmaug_tokens": 0, "samples": 0}
+        self._window_start = time.perf_counter()
+        self._dropped_total = 0
+        self._reported_lines: set[str] = set()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self._record_drops(inputs.pop("dropped", []))
+        inputs.pop("tile_sample_index", None)
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training:
+            self._window["answer_tokens"] += outputs.answer_tokens or 0
+            self._window["sequence_tokens"] += outputs.sequence_tokens or 0
+            self._window["samples"] += len(inputs["input_ids"])
+            for key, value in (outputs.tmaug or {}).items():
+                if key != "samples":
+                    self._window[key] += value
+        return (loss, outputs) if return_outputs else loss
+
+    def _record_drops(self, dropped: list[tuple[str, str, str]]) -> None:
+        self._dropped_total += len(dropped)
+        for where, kind, reason in dropped:
+            if where not in self._reported_lines:
+                self._reported_lines.add(where)
+                logger.warning("skipped %s (%s): %s", where, kind, reason)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log line: add this window's throughput and TMAug figures
+            totals = torch.tensor(
+                [self._window[k] for k in ("answer_tokens", "sequence_tokens", "tmaug_samples", "tmaug_tokens", "samples")]
+                + [self._dropped_total],
+                dtype=torch.float64, device=self.args.device,
+            )
+            if self.args.world_size > 1:
+                totals = self.accelerator.reduce(totals, reduction="sum")
+            answer, sequence, tmaug_samples, tmaug_tokens, samples, dropped = totals.tolist()
+            elapsed = max(time.perf_counter() - self._window_start, 1e-9)
+            logs["tokens_per_second"] = round(sequence / elapsed, 1)
+            logs["answer_tokens"] = int(answer)
+            if self.model.tmaug.active:
+                logs["tmaug_sample_fraction"] = round(tmaug_samples / max(samples, 1), 4)
+                logs["tmaug_tokens"] = int(tmaug_tokens)
+            logs["dropped_samples"] = int(dropped)
+            self._window = dict.fromkeys(self._window, 0)
+            self._window_start = time.perf_counter()
+        super().log(logs, start_time)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Every checkpoint is a transformers-native InternVL directory."""
+        if not self.args.should_save:
+            return
+        output_dir = output_dir or self.args.output_dir
+        model = self.accelerator.unwrap_model(self.model)
+        save_vlm(model, output_dir, self.processing_class, state_dict=state_dict)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Resume reads the directory `_save` wrote, strictly (DeepSpeed/FSDP keep their own formats)."""
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_vlm_weights(model or self.model, Path(resume_from_checkpoint))

@@ -1,0 +1,171 @@
+"""The vision-language model against transformers' InternVLForConditionalGeneration, checkpoints in
+both InternVL formats, the image-token check, TMAug in the forward pass, freezing."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import InternVLForConditionalGeneration
+
+from vitp.model.checkpoint import build_vlm, load_vlm, save_vlm
+from vitp.model.tmaug import TMAugConfig
+from vitp_testing import hf_to_remote_code, randomize_
+
+LOGIT_TOLERANCE = 1e-4
+
+
+@pytest.fixture
+def tiny_vlm(bpe_tokenizer):
+    torch.manual_seed(0)
+    return randomize_(build_vlm("internvl-tiny", bpe_tokenizer), std=0.2).eval()
+
+
+def multi_image_batch(model, pad_id):
+    """Two samples: one image of 3 tiles; two images of 1 tile each, with text between them."""
+    ctx, n = model.vlm_config.image_token_id, model.vlm_config.num_image_token
+    rows = [
+        [40, 41] + [ctx] * (3 * n) + [42, 43, 44, 45],
+        [40] + [ctx] * n + [46, 47] + [ctx] * n + [48, 49, 50],
+    ]
+    longest = max(map(len, rows))
+    ids = torch.full((2, longest), pad_id)
+    mask = torch.zeros(2, longest, dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, : len(row)] = torch.tensor(row)
+        mask[r, : len(row)] = 1
+    labels = torch.where((ids >= 42) & (mask == 1), ids, torch.full_like(ids, -100))
+    pixels = torch.randn(5, 3, 112, 112, generator=torch.Generator().manual_seed(4))
+    return ids, mask, labels, pixels, torch.tensor([3, 2])
+
+
+def test_same_logits_as_transformers_after_saving_ours(tiny_vlm, bpe_tokenizer, tmp_path):
+    save_vlm(tiny_vlm, tmp_path / "ckpt", bpe_tokenizer)
+    theirs = InternVLForConditionalGeneration.from_pretrained(tmp_path / "ckpt").eval()
+    ids, mask, labels, pixels, tiles = multi_image_batch(tiny_vlm, bpe_tokenizer.pad_token_id)
+    with torch.no_grad():
+        ours = tiny_vlm(ids, mask, pixels, tiles, labels=labels, return_logits=True)
+        reference = theirs(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels)
+    valid = mask.bool()
+    assert (ours.logits - reference.logits)[valid].abs().max() <= LOGIT_TOLERANCE
+    assert reference.logits[valid].abs().max() > 0.1  # not a comparison of near-zero numbers
+    assert torch.allclose(ours.loss, reference.loss, atol=1e-5)  # loss on the answer tokens only, same mean
+
+
+def test_transformers_model_loads_into_ours_with_the_same_logits(tiny_vlm, bpe_tokenizer, tmp_path):
+    save_vlm(tiny_vlm, tmp_path / "a", bpe_tokenizer)
+    theirs = InternVLForConditionalGeneration.from_pretrained(tmp_path / "a").eval()
+    randomize_(theirs, std=0.2, seed=5)
+    theirs.save_pretrained(tmp_path / "b")
+    bpe_tokenizer.save_pretrained(tmp_path / "b")
+    ours, _ = load_vlm(tmp_path / "b")
+    ours.eval()
+    ids, mask, _, pixels, tiles = multi_image_batch(ours, bpe_tokenizer.pad_token_id)
+    with torch.no_grad():
+        difference = ours(ids, mask, pixels, tiles, return_logits=True).logits - theirs(
+            input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    assert difference[mask.bool()].abs().max() <= LOGIT_TOLERANCE
+
+
+def test_saved_model_generates_with_transformers(tiny_vlm, bpe_tokenizer, tmp_path):
+    save_vlm(tiny_vlm, tmp_path / "ckpt", bpe_tokenizer)
+    theirs = InternVLForConditionalGeneration.from_pretrained(tmp_path / "ckpt").eval()
+    ids, mask, _, pixels, _ = multi_image_batch(tiny_vlm, bpe_tokenizer.pad_token_id)
+    length = int(mask[0].sum())
+    out = theirs.generate(input_ids=ids[:1, :length], attention_mask=mask[:1, :length], pixel_values=pixels[:3],
+                          max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, length + 3)
+
+
+def test_internvl_remote_code_checkpoint(tiny_vlm, bpe_tokenizer, tmp_path):
+    """An InternVL2.5-style directory (vision_model.* InternViT keys, mlp1, language_model.*, llm_config)."""
+    save_vlm(tiny_vlm, tmp_path / "hf", bpe_tokenizer)
+    reference = InternVLForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    state = reference.state_dict()
+    vision = {k[len("model.vision_tower."):]: v for k, v in state.items() if k.startswith("model.vision_tower.")}
+    tensors = hf_to_remote_code(vision, depth=2)
+    projector = {"layer_norm": "0", "linear_1": "1", "linear_2": "3"}
+    for key, value in state.items():
+        if key.startswith("model.multi_modal_projector."):
+            layer, kind = key.split(".")[-2:]
+            tensors[f"mlp1.{projector[layer]}.{kind}"] = value.clone()
+        elif key.startswith("model.language_model."):
+            tensors["language_model.model." + key[len("model.language_model."):]] = value.clone()
+    directory = tmp_path / "InternVL2_5-tiny"
+    directory.mkdir()
+    save_file(tensors, directory / "model.safetensors")
+    hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    vc = hf_config["vision_config"]
+    (directory / "config.json").write_text(json.dumps({
+        "architectures": ["InternVLChatModel"], "model_type": "internvl_chat", "template": "internvl2_5",
+        "select_layer": -1, "downsample_ratio": 0.5, "ps_version": "v2", "force_image_size": 112,
+        "vision_config": {"model_type": "intern_vit_6b", "hidden_size": vc["hidden_size"], "image_size": 112,
+                          "patch_size": 14, "num_hidden_layers": vc["num_hidden_layers"],
+                          "num_attention_heads": vc["num_attention_heads"], "intermediate_size": vc["intermediate_size"],
+                          "qkv_bias": True, "norm_type": "layer_norm", "qk_normalization": False,
+                          "initializer_factor": 0.1, "layer_norm_eps": 1e-6, "hidden_act": "gelu"},
+        "llm_config": hf_config["text_config"],
+    }))
+    bpe_tokenizer.save_pretrained(directory)
+    ours, _ = load_vlm(directory)
+    ids, mask, _, pixels, tiles = multi_image_batch(ours, bpe_tokenizer.pad_token_id)
+    with torch.no_grad():
+        difference = ours.eval()(ids, mask, pixels, tiles, return_logits=True).logits - reference(
+            input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    assert difference[mask.bool()].abs().max() <= LOGIT_TOLERANCE
+
+
+def test_image_token_count_mismatch_names_the_sample(tiny_vlm, bpe_tokenizer):
+    ids, mask, _, pixels, _ = multi_image_batch(tiny_vlm, bpe_tokenizer.pad_token_id)
+    with pytest.raises(ValueError, match=r"data.jsonl:12: 48 <IMG_CONTEXT> tokens for 2 tile\(s\) x 16"):
+        tiny_vlm(ids, mask, pixels, torch.tensor([2, 3]), where=["data.jsonl:12", "data.jsonl:13"])
+    with pytest.raises(ValueError, match=r"80 <IMG_CONTEXT> tokens but 4 tiles"):
+        tiny_vlm(ids, mask, pixels[:4])
+
+
+def test_tmaug_acts_in_training_only_and_shortens_the_sequence(bpe_tokenizer):
+    torch.manual_seed(0)
+    model = build_vlm("internvl-tiny", bpe_tokenizer, TMAugConfig(prob=1.0, ratio=0.75))
+    plain = build_vlm("internvl-tiny", bpe_tokenizer)
+    plain.load_state_dict(model.state_dict())
+    ids, mask, labels, pixels, tiles = multi_image_batch(model, bpe_tokenizer.pad_token_id)
+    model.eval()
+    plain.eval()
+    with torch.no_grad():
+        evaluated = model(ids, mask, pixels, tiles, labels=labels)
+        assert torch.equal(evaluated.loss, plain(ids, mask, pixels, tiles, labels=labels).loss)
+        assert evaluated.tmaug is None
+    model.train()
+    out = model(ids, mask, pixels, tiles, labels=labels)
+    image_tokens = 5 * model.vlm_config.num_image_token
+    assert out.tmaug == {"tmaug_samples": 2, "tmaug_tokens": int(0.75 * 48) + int(0.75 * 32), "samples": 2}
+    assert out.sequence_tokens == int(mask.sum()) - out.tmaug["tmaug_tokens"]
+    assert out.answer_tokens == int((labels[:, 1:] != -100).sum()) and image_tokens == 80
+
+
+def test_freezing_flags_freeze_what_they_say(bpe_tokenizer):
+    model = build_vlm("internvl-tiny", bpe_tokenizer)
+    model.freeze(llm=True, backbone=False, mlp=True)
+    assert not any(p.requires_grad for p in model.language_model.parameters())
+    assert not any(p.requires_grad for p in model.mlp1.parameters())
+    assert all(p.requires_grad for p in model.vision_model.parameters())
+    model.freeze(backbone=True)
+    assert not any(p.requires_grad for p in model.vision_model.parameters())
+    assert all(p.requires_grad for p in model.language_model.parameters())
+
+
+def test_text_only_batch_still_gives_every_trainable_parameter_a_gradient(bpe_tokenizer):
+    model = build_vlm("internvl-tiny", bpe_tokenizer).train()
+    ids = torch.tensor([[40, 41, 42, 43]])
+    out = model(ids, torch.ones_like(ids), labels=ids.clone())
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_missing_tokenizer_tokens_grow_the_vocabulary(tiny_vlm, bpe_tokenizer, tmp_path):
+    save_vlm(tiny_vlm, tmp_path / "ckpt", bpe_tokenizer)
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert config["text_config"]["vocab_size"] == len(bpe_tokenizer)
+    loaded, tokenizer = load_vlm(tmp_path / "ckpt")
+    assert len(tokenizer) == len(bpe_tokenizer)
+    assert torch.equal(loaded.state_dict()["mlp1.1.weight"], tiny_vlm.state_dict()["mlp1.1.weight"])

@@ -1,0 +1,162 @@
+"""`vitp pretrain` on a CPU: the loss falls, resume repeats the same losses, freezing, checkpoints that
+transformers loads, a 2-process torchrun (gloo), bad lines skipped, export-vit bit-exact."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import InternVLForConditionalGeneration, InternVLVisionModel
+
+from vitp.cli import main
+from vitp.data.build import build_instructions
+from vitp.data.tokenizer import conversation_texts, save_tokenizer, train_tokenizer
+from vitp.formats import load_vit
+from vitp.model.checkpoint import load_vlm
+from vitp.train.export import export_vit
+from vitp.train.pretrain import PretrainConfig, pretrain
+
+COLOURS = {"water": (30, 60, 170), "forest": (30, 120, 40), "sand": (200, 180, 120)}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """Class folders of coloured, noisy images -> instruction data -> tokenizer."""
+    root = tmp_path_factory.mktemp("pretrain")
+    rng = np.random.default_rng(0)
+    for label, colour in COLOURS.items():
+        for i in range(8):
+            size = (int(rng.integers(48, 120)), int(rng.integers(48, 120)))
+            pixels = np.clip(np.array(colour) + rng.normal(0, 25, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+            path = root / "images" / label / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(path)
+    build_instructions(root / "images", root / "data", seed=0, progress=False)
+    tokenizer = train_tokenizer(conversation_texts(root / "data" / "meta.json"), vocab_size=320)
+    save_tokenizer(tokenizer, root / "tok")
+    return root
+
+
+def config(workspace, output, **overrides):
+    values = dict(
+        meta_path=str(workspace / "data" / "meta.json"), output_dir=str(output), model_preset="internvl-tiny",
+        tokenizer=str(workspace / "tok"), force_image_size=56, max_dynamic_patch=2, system_message="Answer.",
+        max_steps=6, learning_rate=2e-3, per_device_train_batch_size=4, logging_steps=1, save_steps=3,
+        dataloader_num_workers=0, report_to="none", seed=7, warmup_ratio=0.0,
+    )
+    values.update(overrides)
+    return PretrainConfig(**values)
+
+
+def logged_losses(output):
+    history = json.loads((Path(output) / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
+    return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
+
+
+def test_loss_falls_and_the_run_writes_everything(workspace, tmp_path):
+    output = pretrain(config(workspace, tmp_path / "run", max_steps=40, save_steps=20, logging_steps=5,
+                             drop_path_rate=0.1, TMAug_prob=0.5))
+    history = json.loads((output / "checkpoint-40" / "trainer_state.json").read_text())["log_history"]
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    assert losses[-1] < 0.7 * losses[0]
+    assert all("tokens_per_second" in e and "tmaug_sample_fraction" in e for e in history if "loss" in e)
+    assert (output / "loss.png").stat().st_size > 1000
+    model = InternVLForConditionalGeneration.from_pretrained(output)
+    assert model.config.vision_config.image_size == [56, 56]
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-20", "checkpoint-40"]
+
+
+def test_resume_repeats_the_uninterrupted_loss_sequence(workspace, tmp_path):
+    full = tmp_path / "full"
+    pretrain(config(workspace, full, drop_path_rate=0.1, tmaug_prob=0.5, tmaug_ratio=0.5))
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-3", resumed / "checkpoint-3")  # as if killed after step 3
+    pretrain(config(workspace, resumed, drop_path_rate=0.1, tmaug_prob=0.5, tmaug_ratio=0.5))
+    first, second = logged_losses(full), logged_losses(resumed)
+    assert sorted(second) == [1, 2, 3, 4, 5, 6]
+    for step in (4, 5, 6):
+        assert second[step] == pytest.approx(first[step], abs=1e-6), step
+    a = load_file(full / "model.safetensors")
+    b = load_file(resumed / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_freezing_flags_keep_weights_fixed(workspace, tmp_path):
+    output = pretrain(config(workspace, tmp_path / "frozen", max_steps=2, save_steps=100,
+                             freeze_llm=True, freeze_mlp=True))
+    untouched = tmp_path / "init"
+    pretrain(config(workspace, untouched, max_steps=2, save_steps=100, learning_rate=0.0))
+    trained, initial = load_file(output / "model.safetensors"), load_file(untouched / "model.safetensors")
+    for key in trained:
+        same = torch.equal(trained[key], initial[key])
+        if key.startswith(("language_model.", "multi_modal_projector.")):
+            assert same, key
+    assert not all(torch.equal(trained[k], initial[k]) for k in trained if k.startswith("vision_tower."))
+
+
+def test_bad_lines_are_skipped_and_training_continues(workspace, tmp_path, caplog):
+    data = tmp_path / "data"
+    shutil.copytree(workspace / "data", data)
+    jsonl = data / "images.jsonl"
+    lines = jsonl.read_text().splitlines()
+    lines[1] = "{broken"
+    jsonl.write_text("\n".join(lines) + "\n")
+    meta = json.loads((data / "meta.json").read_text())
+    meta["images"]["root"] = str(workspace / "images")
+    (data / "meta.json").write_text(json.dumps(meta))
+    with caplog.at_level("WARNING", logger="vitp"):
+        pretrain(config(workspace, tmp_path / "run", meta_path=str(data / "meta.json"), max_steps=8, save_steps=100))
+    assert caplog.text.count("images.jsonl:2 (invalid JSON)") == 1
+
+
+def test_cli_with_a_yaml_config_and_upstream_boolean_spelling(workspace, tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"meta_path: {workspace / 'data' / 'meta.json'}\nmodel_preset: internvl-tiny\ntokenizer: {workspace / 'tok'}\n"
+        "force_image_size: 56\nmax_dynamic_patch: 2\nmax_steps: 50\nper_device_train_batch_size: 2\n"
+        "save_steps: 100\nreport_to: none\ndataloader_num_workers: 0\n"
+    )
+    code = main(["pretrain", "--config", str(recipe), "--output_dir", str(tmp_path / "out"), "--max_steps", "2",
+                 "--bf16", "False", "--grad_checkpoint", "True"])
+    assert code == 0
+    history = json.loads((tmp_path / "out" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert history["global_step"] == 2  # the command line's --max_steps beat the file's 50
+
+
+def test_export_vit_is_bit_exact_and_loads_everywhere(workspace, tmp_path):
+    output = pretrain(config(workspace, tmp_path / "run", max_steps=2, save_steps=100))
+    files = export_vit(output, tmp_path / "vit")
+    assert [f.name for f in files] == ["vit.safetensors", "vit.json", "model.safetensors", "config.json"]
+    model, _ = load_vlm(output)
+    expected = model.vision_model.state_dict()
+    for exported in (load_vit(tmp_path / "vit" / "vit.safetensors"), load_vit(tmp_path / "vit" / "hf")):
+        assert all(torch.equal(exported.state_dict()[k], expected[k]) for k in expected)
+    assert InternVLVisionModel.from_pretrained(tmp_path / "vit" / "hf").config.hidden_size == 64
+    assert "vision_model.embeddings.class_embedding" in load_file(tmp_path / "vit" / "vit.safetensors")
+
+
+def test_two_process_torchrun_runs_and_ends_cleanly(workspace, tmp_path):
+    output = tmp_path / "ddp"
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+        "-m", "vitp.cli", "pretrain", "--meta_path", str(workspace / "data" / "meta.json"),
+        "--output_dir", str(output), "--model_preset", "internvl-tiny", "--tokenizer", str(workspace / "tok"),
+        "--force_image_size", "56", "--max_dynamic_patch", "2", "--max_steps", "3", "--save_steps", "3",
+        "--per_device_train_batch_size", "2", "--report_to", "none", "--dataloader_num_workers", "0",
+        "--logging_steps", "1",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "destroy_process_group" not in result.stderr
+    assert (output / "model.safetensors").is_file() and (output / "checkpoint-3" / "optimizer.pt").is_file()
+    state = json.loads((output / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3
