@@ -133,7 +133,7 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     contiguous = {key: tensor.detach().contiguous().cpu() for key, tensor in tensors.items()}
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         save_file(contiguous, str(tmp), metadata={"format": "pt", **(metadata or {})})
 
 
@@ -145,11 +145,11 @@ def write_text(text: str, path: Path) -> None:
     """Write a text file atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 
-class _atomic_path:
+class atomic_path:
     """Context manager yielding a temporary path in the target's folder, renamed onto it on success."""
 
     def __init__(self, path: Path):

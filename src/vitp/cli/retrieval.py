@@ -1,9 +1,347 @@
-"""`vitp` subcommands of the retrieval stage."""
+"""`vitp features`, `vitp index build|info`, `vitp search`, `vitp evaluate`: the retrieval stage.
+
+The seed's flags work as they did (`--image_dir --output --vit_checkpoint`; `--query_features
+--gallery_features --top_k`), and the seed's output lines are printed, each with an English form.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+
+POOLS = ("mean", "cls")
+DEVICES_HELP = "auto (cuda if available), cpu, cuda or cuda:N"
+DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this stage's subcommands."""
+    _register_features(subparsers)
+    _register_index(subparsers)
+    _register_search(subparsers)
+    _register_evaluate(subparsers)
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared flags
+
+
+def _add_compute_flags(parser: argparse.ArgumentParser, dtype_default: str | None = "auto") -> None:
+    parser.add_argument("--device", default="auto", help=f"where the ViT runs: {DEVICES_HELP} (default: %(default)s)")
+    parser.add_argument(
+        "--dtype", choices=DTYPES, default=dtype_default,
+        help="ViT precision; auto = bf16 on GPU, fp32 on CPU (bf16 is much faster on CPUs with AMX/AVX512-BF16)"
+        + (" (default: %(default)s)" if dtype_default else " (default: the gallery's)"),
+    )
+    parser.add_argument("--batch_size", type=int, default=32, help="images per ViT forward (default: %(default)s)")
+    parser.add_argument("--num_workers", type=int, help="image-decoding processes (default: min(8, CPU count))")
+
+
+def _add_search_parameter_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nprobe", type=int, help="IVF indexes: inverted lists visited per query (FAISS default 1)")
+    parser.add_argument("--ef_search", type=int, help="HNSW indexes: search breadth efSearch (FAISS default 16)")
+    parser.add_argument(
+        "--faiss_device", choices=("auto", "cpu", "gpu"), default="auto",
+        help="where FAISS searches: auto = all visible GPUs if this FAISS build has GPU support (default: %(default)s)",
+    )
+
+
+def _add_query_expansion_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--qe", type=int, default=0, metavar="K",
+                        help="query expansion: search again with the query plus its top K results (0 = off)")
+    parser.add_argument("--qe_alpha", type=float, default=0.0,
+                        help="QE weights: result i weighs max(score_i, 0)**alpha; 0 = average QE, 3 = a usual alpha-QE")
+
+
+def _add_gallery_postprocessing_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--factory", default="Flat",
+                        help="FAISS index-factory string: Flat (exact, default), IVF1024,Flat, HNSW32, IVF4096,PQ64, ...")
+    parser.add_argument("--pca", type=int, metavar="DIMS", help="reduce features to DIMS dimensions by PCA")
+    parser.add_argument("--whiten", action="store_true", help="whiten the PCA components (needs --pca)")
+    parser.add_argument("--pca_fit", metavar="FEATURES.npz",
+                        help="learn PCA on these features instead of the gallery (same model and settings)")
+    parser.add_argument("--dba", type=int, default=0, metavar="K",
+                        help="database-side augmentation: each gallery vector plus its K nearest gallery neighbours (0 = off)")
+    parser.add_argument("--dba_alpha", type=float, default=0.0,
+                        help="DBA weights: neighbour i weighs max(score_i, 0)**alpha; 0 = plain average")
+
+
+def _search_parameters(args: argparse.Namespace) -> dict:
+    parameters = {}
+    if args.nprobe is not None:
+        parameters["nprobe"] = args.nprobe
+    if args.ef_search is not None:
+        parameters["efSearch"] = args.ef_search
+    return parameters
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return not args.no_progress
+
+
+# --------------------------------------------------------------------------------------------------
+# vitp features
+
+
+def _register_features(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "features",
+        help="extract ViT features of a folder of images into an .npz",
+        description=(
+            "Embed every image under --image_dir (recursively: .jpg .jpeg .png .tif .tiff .bmp .webp) with the ViT: "
+            "InternVL preprocessing (bicubic resize to the model's size, ImageNet mean/std), the --select_layer "
+            "tokens pooled (--pool) and L2-normalised. Writes the seed's .npz (features, image_paths) plus labels "
+            "(parent folder name) and the settings used. Unreadable files are skipped and listed in "
+            "<output>.skipped.txt. Killed runs continue where they stopped when the same command is run again."
+        ),
+    )
+    parser.add_argument("--image_dir", required=True, help="folder of images (class = parent folder name)")
+    parser.add_argument("--output", required=True, help="features file to write (.npz)")
+    parser.add_argument("--vit_checkpoint", required=True, help="ViT weights: any format `vitp convert-vit` reads")
+    parser.add_argument("--vit_config", help="preset name or JSON config, for weights saved without one")
+    parser.add_argument("--num_heads", type=int, help="override the number of attention heads of --vit_config")
+    parser.add_argument("--image_size", type=int, help="input size (default: the model's; position embedding resampled)")
+    parser.add_argument("--select_layer", type=int, default=-1,
+                        help="layer whose tokens are pooled, InternVL indexing: -1 last, 0 embeddings (default: %(default)s)")
+    parser.add_argument("--pool", choices=POOLS, default="mean",
+                        help="mean over patch tokens, or the CLS token (default: %(default)s)")
+    _add_compute_flags(parser)
+    parser.add_argument("--shard_size", type=int, default=2048,
+                        help="images per resume shard (default: %(default)s); a shard is also written every --shard_seconds")
+    parser.add_argument("--shard_seconds", type=float, default=300.0, help="(default: %(default)s)")
+    parser.add_argument("--max_pixels", type=int, help="skip images with more pixels (default: Pillow's bomb limit)")
+    parser.add_argument("--restart", action="store_true", help="discard the shards of an unfinished earlier run")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    parser.set_defaults(handler=_run_features)
+
+
+def _run_features(args: argparse.Namespace) -> int:
+    from vitp.data.images import DEFAULT_MAX_PIXELS
+    from vitp.formats import config_from_argument
+    from vitp.retrieval.features import extract_features, partial_directory
+
+    config = None
+    if args.vit_config:
+        config = config_from_argument(args.vit_config, **({"num_heads": args.num_heads} if args.num_heads else {}))
+    try:
+        result = extract_features(
+            args.image_dir, args.output, args.vit_checkpoint,
+            vit_config=config, image_size=args.image_size, select_layer=args.select_layer, pool=args.pool,
+            batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, dtype=args.dtype,
+            shard_size=args.shard_size, shard_seconds=args.shard_seconds,
+            max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, restart=args.restart, progress_bar=_progress(args),
+        )
+    except KeyboardInterrupt:
+        from pathlib import Path
+
+        output = Path(args.output)
+        output = output if output.suffix == ".npz" else output.with_name(output.name + ".npz")
+        print(f"\ninterrupted: finished batches are kept in {partial_directory(output)}; "
+              f"run the same command again to continue", file=sys.stderr)
+        return 130
+    settings = result.feature_set.settings
+    print(f"找到 {result.num_found} 张图像 (found {result.num_found} images under {args.image_dir})")
+    if result.num_reused:
+        print(f"continued an unfinished run: {result.num_reused} images were already done")
+    print(f"model {settings['vit_checkpoint']} ({settings['model_fingerprint'][:19]}), layer {settings['layer']}, "
+          f"pool {settings['pool']}, {settings['image_size']} px, {settings['dtype']} on {settings['device']}")
+    if result.skipped:
+        print(f"skipped {len(result.skipped)} unreadable files (listed in {result.skipped_report}):")
+        for path, reason in result.skipped[:10]:
+            print(f"  {path}: {reason}")
+        if len(result.skipped) > 10:
+            print(f"  ... {len(result.skipped) - 10} more")
+    computed = result.num_found - result.num_reused
+    print(f"特征已保存到 {result.output} (features saved to {result.output})")
+    print(f"特征形状: {result.feature_set.features.shape} (feature shape; {computed} images in "
+          f"{result.seconds:.1f} s, {computed / max(result.seconds, 1e-9):.1f} images/s)")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# vitp index build | info
+
+
+def _register_index(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("index", help="build or describe a FAISS index of gallery features")
+    actions = parser.add_subparsers(dest="index_command", required=True, metavar="ACTION")
+
+    build = actions.add_parser(
+        "build",
+        help="build a FAISS index from a features file",
+        description=(
+            "Build a FAISS inner-product index (cosine similarity on L2-normalised features) from a features file and "
+            "save it as a directory with the gallery's paths, labels, feature settings and post-processing. "
+            "Searching it with features of another model, layer, pooling or image size is refused."
+        ),
+    )
+    build.add_argument("--features", required=True, help="gallery features (.npz from `vitp features`)")
+    build.add_argument("--output", required=True, help="index directory to write")
+    _add_gallery_postprocessing_flags(build)
+    _add_search_parameter_flags(build)
+    build.add_argument("--no_progress", action="store_true", help="no progress bar")
+    build.set_defaults(handler=_run_index_build)
+
+    info = actions.add_parser("info", help="describe a saved index")
+    info.add_argument("index", help="index directory")
+    info.set_defaults(handler=_run_index_info)
+
+
+def _run_index_build(args: argparse.Namespace) -> int:
+    from vitp.retrieval.feature_file import load_features
+    from vitp.retrieval.index import RetrievalIndex
+
+    gallery = load_features(args.features)
+    index = RetrievalIndex.build(
+        gallery, args.factory, pca_dimensions=args.pca, whiten=args.whiten,
+        pca_fit=load_features(args.pca_fit) if args.pca_fit else None, dba_k=args.dba, dba_alpha=args.dba_alpha,
+        search_parameters=_search_parameters(args), faiss_device=args.faiss_device, progress_bar=_progress(args),
+    )
+    path = index.save(args.output)
+    print(f"built {index.describe()}")
+    print(f"saved {path}" + (" (with exact vectors for re-ranking)" if index.meta["stores_vectors"] else ""))
+    return 0
+
+
+def _run_index_info(args: argparse.Namespace) -> int:
+    import json
+
+    from vitp.retrieval.index import RetrievalIndex
+
+    index = RetrievalIndex.load(args.index, faiss_device="cpu")
+    settings = index.feature_settings or {}
+    print(index.describe())
+    print(f"classes: {len(set(map(str, index.labels)))}, images: {len(index)}")
+    print(f"features: {index.meta['features_file']}")
+    keys = ("vit_checkpoint", "model_fingerprint", "layer", "pool", "image_size", "dtype")
+    print(json.dumps({key: settings.get(key) for key in keys}, indent=2))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# vitp search
+
+
+def _register_search(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "search",
+        help="top-K gallery images for query images",
+        description=(
+            "Embed query images (a file, or every image under a folder) with the model recorded in the index, or read "
+            "query features, and print the top-K gallery paths, labels and scores; write them with --output "
+            "(.json or .csv, repeatable) and draw them with --contact_sheet."
+        ),
+    )
+    parser.add_argument("--index", required=True, help="index directory from `vitp index build`")
+    queries = parser.add_mutually_exclusive_group(required=True)
+    queries.add_argument("--image", help="query image file or folder")
+    queries.add_argument("--query_features", help="query features (.npz) instead of images")
+    parser.add_argument("-k", "--top_k", type=int, default=5, dest="k", help="results per query (default: %(default)s)")
+    _add_query_expansion_flags(parser)
+    _add_search_parameter_flags(parser)
+    parser.add_argument("--output", action="append", default=[], metavar="FILE",
+                        help="write results to FILE.json or FILE.csv (repeatable)")
+    parser.add_argument("--contact_sheet", metavar="PNG", help="draw queries and their results into this PNG")
+    parser.add_argument("--show", type=int, default=20, help="queries printed and drawn (default: %(default)s)")
+    parser.add_argument("--vit_checkpoint", help="the gallery's ViT checkpoint, if it moved since the index was built")
+    _add_compute_flags(parser, dtype_default=None)
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    parser.set_defaults(handler=_run_search)
+
+
+def _run_search(args: argparse.Namespace) -> int:
+    from vitp.retrieval.feature_file import load_features
+    from vitp.retrieval.index import RetrievalIndex
+    from vitp.retrieval.search import SearchError, embed_queries, search_index
+
+    for output in args.output:  # refuse a bad --output before the (possibly long) search
+        if not output.lower().endswith((".json", ".csv")):
+            raise SearchError(f"--output {output}: use a name ending in .json or .csv")
+    index = RetrievalIndex.load(args.index, faiss_device=args.faiss_device)
+    skipped = []
+    if args.image:
+        queries, skipped = embed_queries(
+            index, args.image, vit_checkpoint=args.vit_checkpoint, device=args.device, dtype=args.dtype,
+            batch_size=args.batch_size, num_workers=args.num_workers, progress_bar=_progress(args),
+        )
+        if queries is None:
+            raise SearchError(f"--image {args.image}: no query image could be read: "
+                              + "; ".join(f"{p}: {r}" for p, r in skipped[:3]))
+    else:
+        queries = load_features(args.query_features)
+    results = search_index(index, queries, args.k, qe_k=args.qe, qe_alpha=args.qe_alpha,
+                           search_parameters=_search_parameters(args), skipped=skipped)
+    print("\n".join(results.lines(args.show)))
+    for path, reason in skipped:
+        print(f"skipped query {path}: {reason}")
+    for output in args.output:
+        print(f"wrote {results.write(output)}")
+    if args.contact_sheet:
+        print(f"wrote {results.contact_sheet(args.contact_sheet, args.show)}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# vitp evaluate
+
+
+def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="Top-K accuracy, precision@K and mAP of query features against a gallery",
+        description=(
+            "Search every query in the gallery and report the seed's Top-K accuracy lines (a hit if any of the top K "
+            "shares the query's class), precision@K, mAP@K, full-ranking mAP and a per-class table. Queries whose class "
+            "has no image in the gallery are listed and left out of the metrics."
+        ),
+    )
+    parser.add_argument("--query_features", help="query features (.npz); omit with --leave_one_out to use the gallery")
+    gallery = parser.add_mutually_exclusive_group(required=True)
+    gallery.add_argument("--gallery_features", help="gallery features (.npz)")
+    gallery.add_argument("--index", help="a built index instead of gallery features")
+    parser.add_argument("--top_k", type=int, nargs="+", default=[1, 3, 5], help="K values (default: 1 3 5)")
+    parser.add_argument("--leave_one_out", action="store_true",
+                        help="queries are (part of) the gallery: each query's own image is removed from its results")
+    _add_gallery_postprocessing_flags(parser)
+    _add_query_expansion_flags(parser)
+    _add_search_parameter_flags(parser)
+    parser.add_argument("--no_full_map", action="store_true",
+                        help="skip mAP over the full gallery ranking (the costly part on huge galleries)")
+    parser.add_argument("--no_per_class", action="store_true", help="do not print the per-class table")
+    parser.add_argument("--output", metavar="JSON", help="write all results (per class included) as JSON")
+    parser.add_argument("--plot", metavar="PNG", help="draw per-class Top-1 accuracy as a bar chart")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    parser.set_defaults(handler=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from vitp.retrieval.evaluate import evaluate_retrieval
+    from vitp.retrieval.feature_file import load_features
+    from vitp.retrieval.index import RetrievalIndex
+    from vitp.retrieval.pictures import write_class_chart
+    from vitp.tensor_io import write_json
+
+    queries = load_features(args.query_features) if args.query_features else None
+    gallery = load_features(args.gallery_features) if args.gallery_features else None
+    index = RetrievalIndex.load(args.index, faiss_device=args.faiss_device) if args.index else None
+    report = evaluate_retrieval(
+        queries, gallery, index=index, top_k=args.top_k, leave_one_out=args.leave_one_out, factory=args.factory,
+        pca_dimensions=args.pca, whiten=args.whiten, pca_fit=load_features(args.pca_fit) if args.pca_fit else None,
+        dba_k=args.dba, dba_alpha=args.dba_alpha, qe_k=args.qe, qe_alpha=args.qe_alpha,
+        search_parameters=_search_parameters(args), full_map=not args.no_full_map, faiss_device=args.faiss_device,
+        progress_bar=_progress(args),
+    )
+    print("\n".join(report.summary_lines()))
+    if not args.no_per_class:
+        print()
+        print("\n".join(report.class_table_lines()))
+    if args.output:
+        write_json(report.to_dict(), Path(args.output))
+        print(f"wrote {args.output}")
+    if args.plot:
+        k = report.top_k[0]
+        path = write_class_chart(report.per_class, f"top_k.top{k}", f"Top-{k} accuracy per class", Path(args.plot))
+        print(f"wrote {path}")
+    return 0

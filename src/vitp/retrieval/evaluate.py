@@ -1,0 +1,257 @@
+"""``vitp evaluate``: Top-K accuracy (the seed's lines), precision@K, mAP@K, full-ranking mAP and a
+per-class table, for query features against a gallery (features or a built index).
+
+The gallery goes into a FAISS index (exact inner product unless ``factory`` says otherwise, with
+PCA / whitening / DBA if asked), queries are searched in chunks, optional query expansion searches
+again, and the metrics are computed from the ranked ids. Full-ranking mAP scores chunks of queries
+against the gallery (see :func:`vitp.retrieval.metrics.average_precision`), so memory stays bounded
+whatever the sizes.
+
+Leave-one-out: a query is matched to its gallery entry by image path and that entry is removed from
+its results (never by score: an exact duplicate under another name still counts). Queries whose
+class has no (other) image in the gallery are excluded from every metric and listed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from vitp.errors import VitpError
+from vitp.retrieval import metrics
+from vitp.retrieval.feature_file import FeatureSet
+from vitp.retrieval.index import RetrievalIndex
+
+logger = logging.getLogger("vitp")
+
+
+class EvaluationError(VitpError):
+    """An evaluation that cannot be run as asked."""
+
+
+@dataclass
+class EvaluationReport:
+    num_queries: int
+    num_evaluated: int
+    query_shape: tuple[int, int]
+    gallery_shape: tuple[int, int]
+    top_k: list[int]
+    hits: dict[int, int]
+    accuracy: dict[int, float]
+    precision: dict[int, float]
+    map_at_k: dict[int, float]
+    mean_average_precision: float | None  # full ranking; None when skipped
+    per_class: list[dict[str, Any]]
+    excluded: dict[str, int]  # class -> queries without any relevant gallery image
+    leave_one_out: bool
+    index_description: str
+    query_expansion: dict[str, Any] | None
+    self_matches: int = 0  # queries that are also in the gallery, without --leave_one_out
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "num_queries": self.num_queries,
+            "num_evaluated": self.num_evaluated,
+            "query_shape": list(self.query_shape),
+            "gallery_shape": list(self.gallery_shape),
+            "top_k_accuracy": {f"top{k}": self.accuracy[k] for k in self.top_k},
+            "top_k_hits": {f"top{k}": self.hits[k] for k in self.top_k},
+            "precision_at_k": {f"P@{k}": self.precision[k] for k in self.top_k},
+            "map_at_k": {f"mAP@{k}": self.map_at_k[k] for k in self.top_k},
+            "map": self.mean_average_precision,
+            "per_class": self.per_class,
+            "excluded_queries": {"count": sum(self.excluded.values()), "by_class": self.excluded},
+            "leave_one_out": self.leave_one_out,
+            "index": self.index_description,
+            "query_expansion": self.query_expansion,
+            "queries_also_in_gallery": self.self_matches,
+        }
+
+    def summary_lines(self) -> list[str]:
+        """The seed's lines (shape line and ``Top-1 准确率: 0.8520 (852/1000)``), each with its English form."""
+        (nq, dq), (ng, dg) = self.query_shape, self.gallery_shape
+        lines = [f"查询集: ({nq}, {dq}), 候选集: ({ng}, {dg})", f"queries: {nq} x {dq}, gallery: {ng} x {dg} ({self.index_description})"]
+        if self.query_expansion:
+            qe = self.query_expansion
+            lines.append(f"query expansion: top {qe['k']}, alpha {qe['alpha']}")
+        if self.leave_one_out:
+            lines.append("leave-one-out: each query is removed from its own results")
+        for k in self.top_k:
+            value, count = self.accuracy[k], self.hits[k]
+            lines.append(f"Top-{k} 准确率: {value:.4f} ({count}/{self.num_evaluated})")
+            lines.append(f"Top-{k} accuracy: {value:.4f} ({count}/{self.num_evaluated})")
+        lines.append("  ".join(f"P@{k}: {self.precision[k]:.4f}" for k in self.top_k))
+        lines.append("  ".join(f"mAP@{k}: {self.map_at_k[k]:.4f}" for k in self.top_k))
+        if self.mean_average_precision is not None:
+            lines.append(f"mAP: {self.mean_average_precision:.4f} (full ranking of the gallery)")
+        if self.excluded:
+            shown = ", ".join(f"{name} ({count})" for name, count in sorted(self.excluded.items())[:10])
+            more = f", ... ({len(self.excluded) - 10} more classes)" if len(self.excluded) > 10 else ""
+            lines.append(
+                f"excluded {sum(self.excluded.values())} of {self.num_queries} queries whose class has no "
+                f"{'other ' if self.leave_one_out else ''}image in the gallery: {shown}{more}"
+            )
+        if self.self_matches:
+            lines.append(
+                f"warning: {self.self_matches} query images are also in the gallery (same path) and will find "
+                f"themselves; pass --leave_one_out if the query set is (part of) the gallery"
+            )
+        lines.extend(self.notes)
+        return lines
+
+    def class_table_lines(self) -> list[str]:
+        if not self.per_class:
+            return []
+        width = max(5, *(len(row["class"]) for row in self.per_class))
+        ks = self.top_k
+        header = f"{'class':<{width}}  {'queries':>7}  " + "  ".join(f"{'Top-' + str(k):>6}" for k in ks)
+        map_label = "mAP" if self.mean_average_precision is not None else f"mAP@{ks[-1]}"
+        header += f"  {'P@' + str(ks[-1]):>6}  {map_label:>6}"
+        lines = [header, "-" * len(header)]
+        for row in self.per_class:
+            line = f"{row['class']:<{width}}  {row['queries']:>7}  " + "  ".join(f"{row['top_k'][f'top{k}']:>6.3f}" for k in ks)
+            line += f"  {row['precision'][f'P@{ks[-1]}']:>6.3f}  {row['map']:>6.3f}"
+            lines.append(line)
+        return lines
+
+
+def self_ids_by_path(query_paths: np.ndarray, gallery_paths: np.ndarray) -> np.ndarray:
+    """The gallery id of each query's own image (same path), or -1."""
+    position = {str(path): i for i, path in enumerate(gallery_paths)}
+    return np.array([position.get(str(path), -1) for path in query_paths], dtype=np.int64)
+
+
+def evaluate_retrieval(
+    queries: FeatureSet | None,
+    gallery: FeatureSet | None = None,
+    *,
+    index: RetrievalIndex | None = None,
+    top_k: list[int] = (1, 3, 5),
+    leave_one_out: bool = False,
+    factory: str = "Flat",
+    pca_dimensions: int | None = None,
+    whiten: bool = False,
+    pca_fit: FeatureSet | None = None,
+    dba_k: int = 0,
+    dba_alpha: float = 0.0,
+    qe_k: int = 0,
+    qe_alpha: float = 0.0,
+    search_parameters: dict[str, Any] | None = None,
+    full_map: bool = True,
+    faiss_device: str = "auto",
+    progress_bar: bool = True,
+) -> EvaluationReport:
+    """Search every query in the gallery and compute the metrics (see the module docstring)."""
+    top_k = sorted(set(int(k) for k in top_k))
+    if not top_k or top_k[0] < 1:
+        raise EvaluationError(f"--top_k values must be >= 1, got {top_k}")
+    if qe_k < 0 or dba_k < 0:
+        raise EvaluationError("--qe and --dba take a number of neighbours >= 0")
+
+    if index is None:
+        if gallery is None:
+            raise EvaluationError("give the gallery as --gallery_features or --index")
+        index = RetrievalIndex.build(
+            gallery, factory, pca_dimensions=pca_dimensions, whiten=whiten, pca_fit=pca_fit, dba_k=dba_k,
+            dba_alpha=dba_alpha, search_parameters=search_parameters, faiss_device=faiss_device,
+            progress_bar=progress_bar,
+        )
+        gallery_name = f"gallery {gallery.source}"
+    else:
+        if pca_dimensions or whiten or dba_k or pca_fit is not None or factory != "Flat":
+            raise EvaluationError(
+                "--factory/--pca/--whiten/--pca_fit/--dba shape the gallery's index, so they are set when it is built "
+                "(`vitp index build`); with --index they come from the index"
+            )
+        if search_parameters:
+            index.set_search_parameters(search_parameters)
+        gallery_name = index.name
+    if queries is None:
+        if gallery is None:
+            raise EvaluationError("give --query_features (or --leave_one_out with the gallery's features as queries)")
+        if not leave_one_out:
+            raise EvaluationError("without --query_features, the gallery is the query set: pass --leave_one_out")
+        queries = gallery
+    index.check_queries(queries.settings, queries.dimension, f"query features {queries.source}")
+
+    exclude = self_ids_by_path(queries.image_paths, index.image_paths)
+    in_gallery = int((exclude >= 0).sum())
+    if leave_one_out and in_gallery == 0:
+        raise EvaluationError(
+            f"--leave_one_out: none of the {len(queries)} query images is in the gallery (matched by path); "
+            f"leave-one-out is for a query set that is (part of) the gallery"
+        )
+
+    classes, query_classes, gallery_classes = metrics.encode_labels(queries.labels, index.labels)
+    relevant = metrics.relevant_counts(query_classes, gallery_classes, len(classes), exclude if leave_one_out else None)
+    answerable = relevant > 0
+    excluded = Counter(str(classes[c]) for c in query_classes[~answerable])
+    if not answerable.any():
+        raise EvaluationError(
+            f"none of the {len(queries)} queries has a class present in the gallery "
+            f"(query classes: {', '.join(sorted(set(map(str, queries.labels)))[:10])}; gallery classes: "
+            f"{', '.join(sorted(set(map(str, index.labels)))[:10])})"
+        )
+
+    selected = np.flatnonzero(answerable)
+    query_vectors = index.prepare_queries(queries.features[selected])
+    chosen_exclude = exclude[selected] if leave_one_out else None
+    k_max = min(top_k[-1], len(index) - (1 if leave_one_out else 0))
+    scores, ids, final_queries = index.search(query_vectors, k_max, exclude=chosen_exclude, qe_k=qe_k, qe_alpha=qe_alpha)
+    if k_max < top_k[-1]:  # a gallery smaller than K: missing ranks count as misses
+        ids = np.pad(ids, ((0, 0), (0, top_k[-1] - k_max)), constant_values=-1)
+
+    q_classes, q_relevant = query_classes[selected], relevant[selected]
+    hits = metrics.hit_matrix(ids, q_classes, gallery_classes)
+    per_query = {
+        "top": {k: metrics.top_k_hits(hits, k) for k in top_k},
+        "precision": {k: metrics.precision_at_k(hits, k) for k in top_k},
+        "ap_at": {k: metrics.average_precision_at_k(hits, q_relevant, k) for k in top_k},
+    }
+    ap = None
+    if full_map:
+        ap = metrics.average_precision(
+            final_queries, index.all_gallery_vectors(), q_classes, gallery_classes, q_relevant, chosen_exclude
+        )
+    per_class = _per_class_rows(classes, q_classes, top_k, per_query, ap)
+    return EvaluationReport(
+        num_queries=len(queries),
+        num_evaluated=len(selected),
+        query_shape=tuple(queries.features.shape),
+        gallery_shape=(len(index), index.meta["feature_dimension"]),
+        top_k=top_k,
+        hits={k: int(per_query["top"][k].sum()) for k in top_k},
+        accuracy={k: float(per_query["top"][k].mean()) for k in top_k},
+        precision={k: float(per_query["precision"][k].mean()) for k in top_k},
+        map_at_k={k: float(per_query["ap_at"][k].mean()) for k in top_k},
+        mean_average_precision=None if ap is None else float(ap.mean()),
+        per_class=per_class,
+        excluded=dict(sorted(excluded.items())),
+        leave_one_out=leave_one_out,
+        index_description=index.describe(),
+        query_expansion={"k": qe_k, "alpha": qe_alpha} if qe_k else None,
+        self_matches=0 if leave_one_out else in_gallery,
+    )
+
+
+def _per_class_rows(
+    classes: np.ndarray, query_classes: np.ndarray, top_k: list[int], per_query: dict, ap: np.ndarray | None
+) -> list[dict[str, Any]]:
+    """One row per class that has evaluated queries: counts, Top-K, P@K and mAP (full, else mAP@K)."""
+    rows = []
+    ap_values = ap if ap is not None else per_query["ap_at"][top_k[-1]]
+    for class_id in np.unique(query_classes):
+        mask = query_classes == class_id
+        rows.append({
+            "class": str(classes[class_id]),
+            "queries": int(mask.sum()),
+            "top_k": {f"top{k}": float(per_query["top"][k][mask].mean()) for k in top_k},
+            "precision": {f"P@{k}": float(per_query["precision"][k][mask].mean()) for k in top_k},
+            "map": float(ap_values[mask].mean()),
+        })
+    return rows

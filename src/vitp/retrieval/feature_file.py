@@ -1,0 +1,222 @@
+"""The ``.npz`` features file: the seed's ``features`` and ``image_paths``, plus ``labels`` and the
+settings that produced them.
+
+Layout (every member a plain array, readable with ``np.load(path)`` and no pickle):
+
+* ``features``     float32 [N, D], L2-normalised
+* ``image_paths``  str [N]
+* ``labels``       str [N], the parent folder's name (the class)
+* ``settings``     str, a JSON object: the model's fingerprint and config, the layer, pooling, image
+  size, dtype, ... (see :func:`vitp.retrieval.features.extraction_settings`)
+
+Files written by the seed script (no ``labels``, no ``settings``) are read too: labels come from the
+parent folder, as the seed does, and compatibility cannot be checked (a warning says so).
+
+:func:`check_compatible` is the one place that decides whether two sets of features can be compared:
+the same model weights, layer, pooling and input size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+from typing import Any
+
+import numpy as np
+
+from vitp.errors import VitpError
+from vitp.tensor_io import atomic_path
+
+logger = logging.getLogger("vitp")
+
+FEATURES_FORMAT = "vitp-features"
+# The settings that change what a feature vector means. Two feature sets are comparable only when all agree.
+COMPATIBILITY_KEYS = ("model_fingerprint", "layer", "pool", "image_size")
+# Norms further than this from 1 mean the features were not L2-normalised.
+_NORM_TOLERANCE = 1e-3
+
+
+class FeatureFileError(VitpError):
+    """A features file that cannot be read or does not hold what vitp expects."""
+
+
+class IncompatibleFeaturesError(VitpError):
+    """Two sets of features that come from different models, layers, poolings or image sizes."""
+
+
+@dataclass
+class FeatureSet:
+    """Feature vectors of a set of images, with where each came from."""
+
+    features: np.ndarray  # float32 [N, D]
+    image_paths: np.ndarray  # str [N]
+    labels: np.ndarray  # str [N]
+    settings: dict[str, Any] | None  # None for files written by the seed's script
+    source: str = "<memory>"
+
+    def __post_init__(self) -> None:
+        if self.features.ndim != 2:
+            raise FeatureFileError(f"{self.source}: 'features' must be 2-D [N, D], got shape {self.features.shape}")
+        count = len(self.features)
+        for name in ("image_paths", "labels"):
+            if len(getattr(self, name)) != count:
+                raise FeatureFileError(
+                    f"{self.source}: '{name}' has {len(getattr(self, name))} entries but 'features' has {count} rows"
+                )
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    @property
+    def dimension(self) -> int:
+        return int(self.features.shape[1])
+
+
+def labels_from_paths(image_paths: np.ndarray) -> np.ndarray:
+    """The class of an image is the name of the folder it is in (as in the seed)."""
+    return np.array([PurePath(str(path)).parent.name for path in image_paths], dtype=str)
+
+
+def save_features(feature_set: FeatureSet, path: Path | str) -> Path:
+    """Write atomically, with fixed zip timestamps so that the same features give the same bytes."""
+    path = Path(path)
+    arrays = {
+        "features": np.ascontiguousarray(feature_set.features, dtype=np.float32),
+        "image_paths": np.asarray(feature_set.image_paths, dtype=str),
+        "labels": np.asarray(feature_set.labels, dtype=str),
+        "settings": np.array(json.dumps(feature_set.settings or {}, sort_keys=True)),
+    }
+    write_npz(arrays, path)
+    return path
+
+
+def write_npz(arrays: dict[str, np.ndarray], path: Path) -> None:
+    """``np.savez`` without its wall-clock timestamps in the zip entries, written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, array in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with archive.open(info, "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+
+
+def load_features(path: Path | str) -> FeatureSet:
+    """Read a features file (vitp's or the seed's), checking every member."""
+    path = Path(path)
+    if not path.is_file():
+        raise FeatureFileError(f"{path}: no such features file")
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    if magic[:2] != b"PK":  # an .npz is a zip archive; anything else would reach numpy's pickle loader
+        kind = "a single .npy array" if magic[:1] == b"\x93" else "not a zip archive"
+        raise FeatureFileError(f"{path}: not a readable .npz features file ({kind})")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            members = set(data.files)
+            for required in ("features", "image_paths"):
+                if required not in members:
+                    raise FeatureFileError(
+                        f"{path}: no '{required}' array (found: {', '.join(sorted(members)) or 'nothing'}); a features "
+                        f"file holds 'features' [N, D] and 'image_paths' [N], as `vitp features` writes"
+                    )
+            features = data["features"]
+            image_paths = data["image_paths"].astype(str)
+            labels = data["labels"].astype(str) if "labels" in members else None
+            settings = _parse_settings(data["settings"], path) if "settings" in members else None
+    except FeatureFileError:
+        raise
+    except ValueError as err:  # object arrays (pickles) and malformed members
+        raise FeatureFileError(f"{path}: cannot read as a features file ({err})") from None
+    except (OSError, zipfile.BadZipFile, EOFError) as err:
+        raise FeatureFileError(f"{path}: not a readable .npz file ({err})") from None
+
+    if len(image_paths) != len(features):
+        raise FeatureFileError(
+            f"{path}: 'image_paths' has {len(image_paths)} entries but 'features' has {len(features)} rows"
+        )
+    if labels is not None and len(labels) != len(features):
+        raise FeatureFileError(f"{path}: 'labels' has {len(labels)} entries but 'features' has {len(features)} rows")
+    if not np.issubdtype(features.dtype, np.floating):
+        raise FeatureFileError(f"{path}: 'features' must be floating point, got {features.dtype}")
+    if features.ndim != 2 or len(features) == 0:
+        raise FeatureFileError(f"{path}: 'features' must be a non-empty [N, D] array, got shape {features.shape}")
+    features = np.ascontiguousarray(features, dtype=np.float32)
+    finite = np.isfinite(features).all(axis=1)
+    if not finite.all():
+        row = int(np.flatnonzero(~finite)[0])
+        raise FeatureFileError(
+            f"{path}: {int((~finite).sum())} feature rows hold NaN or inf (first: row {row}, "
+            f"{image_paths[row] if row < len(image_paths) else '?'})"
+        )
+    if settings is None:
+        logger.warning(
+            "%s has no vitp settings (written by another tool?): cannot check that its features come from the "
+            "same model, layer and pooling as the features it is compared with", path
+        )
+    if labels is None:
+        labels = labels_from_paths(image_paths)
+    features = _normalised(features, path)
+    return FeatureSet(features, image_paths, labels, settings, source=str(path))
+
+
+def _parse_settings(member: np.ndarray, path: Path) -> dict[str, Any]:
+    try:
+        settings = json.loads(str(member.item()))
+    except (json.JSONDecodeError, ValueError) as err:
+        raise FeatureFileError(f"{path}: 'settings' is not valid JSON ({err})") from None
+    if not isinstance(settings, dict):
+        raise FeatureFileError(f"{path}: 'settings' must be a JSON object")
+    return settings
+
+
+def _normalised(features: np.ndarray, path: Path) -> np.ndarray:
+    """Inner product is cosine similarity only on unit vectors; normalise features that are not."""
+    norms = np.linalg.norm(features, axis=1)
+    if np.any(norms == 0):
+        row = int(np.flatnonzero(norms == 0)[0])
+        raise FeatureFileError(f"{path}: feature row {row} is all zeros (cannot be normalised)")
+    if np.abs(norms - 1).max() > _NORM_TOLERANCE:
+        logger.warning(
+            "%s: features are not L2-normalised (norms %.3g to %.3g); normalising them so that inner product "
+            "is cosine similarity", path, norms.min(), norms.max()
+        )
+        features = features / norms[:, None]
+    return features
+
+
+def compatibility_summary(settings: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The settings that decide what a feature vector means (see COMPATIBILITY_KEYS)."""
+    if settings is None:
+        return None
+    return {key: settings.get(key) for key in COMPATIBILITY_KEYS}
+
+
+def check_compatible(
+    reference: dict[str, Any] | None,
+    candidate: dict[str, Any] | None,
+    reference_name: str,
+    candidate_name: str,
+) -> None:
+    """Refuse to compare features made by different models, layers, poolings or input sizes."""
+    if reference is None or candidate is None:
+        missing = reference_name if reference is None else candidate_name
+        logger.warning("%s records no feature settings: cannot check compatibility with %s", missing,
+                       candidate_name if reference is None else reference_name)
+        return
+    differences = []
+    for key in COMPATIBILITY_KEYS:
+        if reference.get(key) != candidate.get(key):
+            differences.append(f"{key}: {candidate.get(key)!r} in {candidate_name}, {reference.get(key)!r} in {reference_name}")
+    if differences:
+        checkpoints = (
+            f"(checkpoints: {candidate.get('vit_checkpoint', '?')} for {candidate_name}, "
+            f"{reference.get('vit_checkpoint', '?')} for {reference_name})"
+        )
+        raise IncompatibleFeaturesError(
+            f"{candidate_name} and {reference_name} were made with different feature settings, so their similarities "
+            f"mean nothing:\n  " + "\n  ".join(differences) + f"\n  {checkpoints}\n"
+            f"Extract both with the same --vit_checkpoint, --select_layer, --pool and --image_size."
+        )

@@ -1,0 +1,198 @@
+"""``vitp search``: the top-K gallery images for query images (a file or a folder) or query features.
+
+Query images are embedded with the model and settings recorded in the index (the checkpoint path
+can be overridden if the file moved); the model's fingerprint must match the index's, so a query is
+never compared with features of another model. Results are printed and written as JSON or CSV, and
+optionally drawn as a contact sheet.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vitp.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, iter_image_files
+from vitp.errors import VitpError
+from vitp.model.vision import VisionConfig
+from vitp.retrieval.feature_file import FeatureSet
+from vitp.retrieval.features import embed_files, load_feature_model
+from vitp.retrieval.index import RetrievalIndex
+from vitp.retrieval.pictures import SheetRow, write_contact_sheet
+from vitp.tensor_io import atomic_path
+
+OUTPUT_FORMATS = (".json", ".csv")
+
+
+class SearchError(VitpError):
+    """A search that cannot be run as asked."""
+
+
+@dataclass
+class SearchResults:
+    index_path: str
+    k: int
+    query_paths: list[str]
+    query_labels: list[str]
+    scores: np.ndarray  # [n, k]
+    ids: np.ndarray  # [n, k], -1 where the gallery has fewer than k images
+    gallery_paths: np.ndarray
+    gallery_labels: np.ndarray
+    skipped: list[tuple[str, str]]  # query files that could not be read
+    query_expansion: dict[str, Any] | None
+
+    def rows(self) -> list[dict[str, Any]]:
+        out = []
+        for i, query in enumerate(self.query_paths):
+            results = [
+                {"rank": r + 1, "path": str(self.gallery_paths[j]), "label": str(self.gallery_labels[j]), "score": float(s)}
+                for r, (j, s) in enumerate(zip(self.ids[i], self.scores[i]))
+                if j >= 0
+            ]
+            out.append({"query": query, "query_label": self.query_labels[i], "results": results})
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index_path,
+            "k": self.k,
+            "query_expansion": self.query_expansion,
+            "queries": self.rows(),
+            "skipped_queries": [{"path": p, "reason": r} for p, r in self.skipped],
+        }
+
+    def write(self, path: Path) -> Path:
+        """JSON (everything) or CSV (one line per query and rank), by the file's suffix; atomically."""
+        path = Path(path)
+        if path.suffix.lower() not in OUTPUT_FORMATS:
+            raise SearchError(f"--output {path}: unknown format; use a name ending in {' or '.join(OUTPUT_FORMATS)}")
+        if path.suffix.lower() == ".json":
+            text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
+        else:
+            buffer = io.StringIO()
+            writer = csv.writer(buffer)
+            writer.writerow(["query", "query_label", "rank", "path", "label", "score"])
+            for row in self.rows():
+                for result in row["results"]:
+                    writer.writerow([row["query"], row["query_label"], result["rank"], result["path"],
+                                     result["label"], f"{result['score']:.6f}"])
+            text = buffer.getvalue()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+        return path
+
+    def lines(self, limit: int) -> list[str]:
+        out = []
+        for row in self.rows()[:limit]:
+            out.append(f"query {row['query']}")
+            for result in row["results"]:
+                out.append(f"  {result['rank']:>3}  {result['score']:.4f}  {result['label']:<16}  {result['path']}")
+        if len(self.query_paths) > limit:
+            out.append(f"... {len(self.query_paths) - limit} more queries (all of them are in the --output files)")
+        return out
+
+    def contact_sheet(self, path: Path, limit: int, thumbnail: int = 128) -> Path:
+        known = set(map(str, self.gallery_labels))
+        rows = [
+            SheetRow(
+                row["query"],
+                row["query_label"] if row["query_label"] in known else None,  # colour only comparable classes
+                [(r["path"], r["label"], r["score"]) for r in row["results"]],
+            )
+            for row in self.rows()[:limit]
+        ]
+        return write_contact_sheet(rows, Path(path), thumbnail)
+
+
+def query_files(image: str | Path) -> list[Path]:
+    """A single image file, or every image under a folder (recursively, sorted)."""
+    image = Path(image)
+    if image.is_dir():
+        files = [Path(os.path.abspath(path)) for path in iter_image_files(image)]
+        if not files:
+            raise SearchError(f"--image {image}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
+        return files
+    if not image.exists():
+        raise SearchError(f"--image {image}: no such file or directory")
+    return [Path(os.path.abspath(image))]
+
+
+def embed_queries(
+    index: RetrievalIndex,
+    image: str | Path,
+    *,
+    vit_checkpoint: str | Path | None = None,
+    device: str = "auto",
+    dtype: str | None = None,
+    batch_size: int = 32,
+    num_workers: int | None = None,
+    progress_bar: bool = True,
+) -> tuple[FeatureSet | None, list[tuple[str, str]]]:
+    """Embed query images exactly like the gallery: same checkpoint, config, layer, pooling, size."""
+    settings = index.feature_settings
+    if not settings or "vit_checkpoint" not in settings:
+        raise SearchError(
+            f"{index.name} was built from features without vitp settings, so the model that made them is unknown; "
+            f"extract query features with the same model and pass --query_features"
+        )
+    checkpoint = Path(vit_checkpoint or settings["vit_checkpoint"])
+    if not checkpoint.exists():
+        raise SearchError(
+            f"the index's gallery was embedded with {settings['vit_checkpoint']}, which no longer exists; "
+            f"pass its new location with --vit_checkpoint"
+        )
+    config = VisionConfig.from_dict(settings["model_config"]) if settings.get("model_config") else None
+    feature_model = load_feature_model(
+        checkpoint, vit_config=config, device=device, dtype=dtype or settings.get("dtype", "auto")
+    )
+    queries, skipped = embed_files(
+        feature_model,
+        query_files(image),
+        settings["select_layer"],
+        settings["pool"],
+        batch_size=batch_size,
+        num_workers=num_workers,
+        max_pixels=settings.get("max_pixels", DEFAULT_MAX_PIXELS),
+        progress_bar=progress_bar,
+    )
+    if queries is not None:
+        index.check_queries(queries.settings, queries.dimension, f"queries embedded with {checkpoint}")
+    return queries, skipped
+
+
+def search_index(
+    index: RetrievalIndex,
+    queries: FeatureSet,
+    k: int = 5,
+    *,
+    qe_k: int = 0,
+    qe_alpha: float = 0.0,
+    search_parameters: dict[str, Any] | None = None,
+    skipped: list[tuple[str, str]] | None = None,
+) -> SearchResults:
+    """Top-k of each query (checked against the index's settings first)."""
+    if k < 1:
+        raise SearchError(f"-k must be >= 1, got {k}")
+    index.check_queries(queries.settings, queries.dimension, f"query features {queries.source}")
+    if search_parameters:
+        index.set_search_parameters(search_parameters)
+    scores, ids, _ = index.search(index.prepare_queries(queries.features), k, qe_k=qe_k, qe_alpha=qe_alpha)
+    return SearchResults(
+        index_path=index.name,
+        k=k,
+        query_paths=[str(p) for p in queries.image_paths],
+        query_labels=[str(label) for label in queries.labels],
+        scores=scores,
+        ids=ids,
+        gallery_paths=index.image_paths,
+        gallery_labels=index.labels,
+        skipped=skipped or [],
+        query_expansion={"k": qe_k, "alpha": qe_alpha} if qe_k else None,
+    )

@@ -1,0 +1,102 @@
+"""`evaluate_retrieval`: the seed's lines, leave-one-out, absent classes, query expansion."""
+
+import json
+
+import numpy as np
+import pytest
+
+from vitp.retrieval.evaluate import EvaluationError, evaluate_retrieval
+from vitp.retrieval.feature_file import FeatureSet
+from vitp.retrieval.index import RetrievalIndex
+from vitp.retrieval.rerank import l2_normalise
+
+SETTINGS = {"model_fingerprint": "sha256:test", "layer": 2, "pool": "mean", "image_size": 112}
+
+
+def feature_set(vectors, labels, prefix="g"):
+    paths = np.array([f"/data/{prefix}/{label}/{i}.png" for i, label in enumerate(labels)])
+    return FeatureSet(l2_normalise(np.asarray(vectors, np.float32)), paths, np.array(labels), dict(SETTINGS), prefix)
+
+
+def small_case():
+    # Gallery on the unit circle at 0, 10, 20, 90, 100 degrees: classes a, a, b, b, b.
+    angles = np.deg2rad([0, 10, 20, 90, 100])
+    gallery = feature_set(np.stack([np.cos(angles), np.sin(angles)], 1), ["a", "a", "b", "b", "b"])
+    # Query 0 (class a) at 19 degrees: ranking 20(b), 10(a), 0(a), ... -> Top-1 miss, Top-3 hit.
+    # Query 1 (class b) at 95 degrees: 90(b)/100(b) first -> hit.
+    q_angles = np.deg2rad([19, 95])
+    queries = feature_set(np.stack([np.cos(q_angles), np.sin(q_angles)], 1), ["a", "b"], prefix="q")
+    return queries, gallery
+
+
+def test_seed_lines_and_values_by_hand():
+    queries, gallery = small_case()
+    report = evaluate_retrieval(queries, gallery, top_k=[1, 3], progress_bar=False)
+    lines = report.summary_lines()
+    assert "查询集: (2, 2), 候选集: (5, 2)" in lines
+    assert "Top-1 准确率: 0.5000 (1/2)" in lines
+    assert "Top-1 accuracy: 0.5000 (1/2)" in lines
+    assert "Top-3 准确率: 1.0000 (2/2)" in lines
+    # P@3: query 0 has a,a in its top 3 (2/3); query 1 has b,b,b (3/3).
+    assert report.precision[3] == pytest.approx((2 / 3 + 1) / 2)
+    # Full ranking AP: query 0: relevant at ranks 2, 3 -> (1/2 + 2/3) / 2; query 1: ranks 1, 2, 3 -> 1.
+    assert report.mean_average_precision == pytest.approx(((1 / 2 + 2 / 3) / 2 + 1) / 2)
+    table = report.class_table_lines()
+    assert table[0].split()[:2] == ["class", "queries"] and len(table) == 4
+    json.dumps(report.to_dict())  # serialisable as written by --output
+
+
+def test_absent_query_classes_are_reported_not_counted_as_misses():
+    queries, gallery = small_case()
+    extra = feature_set(np.vstack([queries.features, [[0.0, 1.0]]]), ["a", "b", "zebra"], prefix="q")
+    report = evaluate_retrieval(extra, gallery, top_k=[1], progress_bar=False)
+    assert report.num_queries == 3 and report.num_evaluated == 2
+    assert report.excluded == {"zebra": 1}
+    assert "Top-1 准确率: 0.5000 (1/2)" in report.summary_lines()
+    assert any("excluded 1 of 3 queries" in line and "zebra (1)" in line for line in report.summary_lines())
+
+
+def test_leave_one_out_never_returns_the_query_but_keeps_its_duplicates():
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(30, 16))
+    vectors[10] = vectors[11]  # an exact duplicate under another name
+    labels = [f"c{i % 3}" for i in range(30)]
+    labels[11] = labels[10]
+    gallery = feature_set(vectors, labels)
+    index = RetrievalIndex.build(gallery, progress_bar=False)
+    exclude = np.arange(30)
+    for qe_k in (0, 3):
+        _, ids, _ = index.search(index.prepare_queries(gallery.features), 5, exclude=exclude, qe_k=qe_k)
+        assert not (ids == exclude[:, None]).any()
+    _, ids, _ = index.search(index.prepare_queries(gallery.features), 5, exclude=exclude)
+    assert ids[10, 0] == 11 and ids[11, 0] == 10
+
+    report = evaluate_retrieval(None, gallery, top_k=[1], leave_one_out=True, qe_k=2, progress_bar=False)
+    assert report.num_evaluated == 30 and report.leave_one_out
+    # Without leave-one-out every query finds itself: warned about.
+    plain = evaluate_retrieval(gallery, gallery, top_k=[1], progress_bar=False)
+    assert plain.accuracy[1] == 1.0 and plain.self_matches == 30
+    assert any("--leave_one_out" in line for line in plain.summary_lines())
+
+
+def test_leave_one_out_excludes_singleton_classes():
+    gallery = feature_set(np.eye(4)[:3] + 0.01, ["a", "a", "solo"])
+    report = evaluate_retrieval(None, gallery, top_k=[1], leave_one_out=True, progress_bar=False)
+    assert report.excluded == {"solo": 1} and report.num_evaluated == 2
+
+
+def test_gallery_smaller_than_k_counts_missing_ranks_as_misses():
+    queries, gallery = small_case()
+    report = evaluate_retrieval(queries, gallery, top_k=[1, 10], progress_bar=False)
+    assert report.accuracy[10] == 1.0
+    assert report.precision[10] == pytest.approx((2 / 10 + 3 / 10) / 2)
+
+
+def test_bad_requests_are_clear_errors():
+    queries, gallery = small_case()
+    with pytest.raises(EvaluationError, match="--leave_one_out"):
+        evaluate_retrieval(None, gallery, progress_bar=False)
+    with pytest.raises(EvaluationError, match="none of the 2 query images is in the gallery"):
+        evaluate_retrieval(queries, gallery, leave_one_out=True, progress_bar=False)
+    with pytest.raises(EvaluationError, match=">= 1"):
+        evaluate_retrieval(queries, gallery, top_k=[0], progress_bar=False)

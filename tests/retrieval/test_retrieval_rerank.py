@@ -1,0 +1,85 @@
+"""PCA / whitening, query expansion (average and alpha) and DBA, against hand-computed values."""
+
+import numpy as np
+import pytest
+
+from vitp.retrieval.feature_file import FeatureSet
+from vitp.retrieval.index import RetrievalIndex
+from vitp.retrieval.rerank import PCAWhitening, PostProcessingError, l2_normalise, weighted_expansion
+
+
+def test_average_expansion_is_the_normalised_mean():
+    query = np.array([[1.0, 0.0, 0.0]], np.float32)
+    neighbours = np.array([[[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]], np.float32)
+    scores = np.array([[0.2, 0.1]], np.float32)
+    expanded = weighted_expansion(query, neighbours, scores, alpha=0.0)
+    np.testing.assert_allclose(expanded, [[1 / np.sqrt(3)] * 3], rtol=1e-6)
+
+
+def test_alpha_expansion_weights_by_score_power_and_ignores_missing():
+    query = np.array([[1.0, 0.0, 0.0]], np.float32)
+    neighbours = np.array([[[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0]]], np.float32)
+    scores = np.array([[0.5, -0.3, -np.inf]], np.float32)  # a negative score weighs 0; -inf = no result
+    expanded = weighted_expansion(query, neighbours, scores, alpha=2.0)
+    expected = l2_normalise(np.array([[1.0, 0.25, 0.0]], np.float32))
+    np.testing.assert_allclose(expanded, expected, rtol=1e-6)
+
+
+def seed_query_expansion(query_features, gallery_features, initial_indices, k1):
+    """The seed guide's rerank_with_query_expansion, verbatim in behaviour (one query at a time)."""
+    out = []
+    for i in range(len(query_features)):
+        top = gallery_features[initial_indices[i, :k1]]
+        expanded = np.mean(np.vstack([query_features[i : i + 1], top]), axis=0)
+        out.append(np.argsort(np.linalg.norm(gallery_features - expanded, axis=1)))
+    return np.array(out)
+
+
+def test_average_query_expansion_ranks_like_the_seed():
+    rng = np.random.default_rng(1)
+    gallery = l2_normalise(rng.normal(size=(50, 8)).astype(np.float32))
+    queries = l2_normalise(rng.normal(size=(6, 8)).astype(np.float32))
+    paths = np.array([f"/g/c{i % 5}/{i}.png" for i in range(50)])
+    index = RetrievalIndex.build(FeatureSet(gallery, paths, np.array([p.split("/")[2] for p in paths]), None), progress_bar=False)
+    scores, ids = index.index.search(queries, 3)
+    _, expanded_ids, _ = index.search(queries, 10, qe_k=3)
+    np.testing.assert_array_equal(expanded_ids, seed_query_expansion(queries, gallery, ids, 3)[:, :10])
+
+
+def test_dba_by_hand():
+    # Three gallery vectors; with k=1 each is averaged with its nearest other vector.
+    gallery = l2_normalise(np.array([[1, 0], [0.8, 0.6], [0, 1]], np.float32))
+    paths = np.array(["/g/a/0.png", "/g/a/1.png", "/g/b/2.png"])
+    index = RetrievalIndex.build(FeatureSet(gallery, paths, np.array(["a", "a", "b"]), None), dba_k=1, progress_bar=False)
+    # Nearest others: 0 -> 1 (0.8), 1 -> 0 (0.8) and 2 (0.6) -> 0, 2 -> 1 (0.6).
+    expected = l2_normalise(np.stack([gallery[0] + gallery[1], gallery[1] + gallery[0], gallery[2] + gallery[1]]))
+    np.testing.assert_allclose(index.all_gallery_vectors(), expected, rtol=1e-6)
+    assert index.meta["dba"] == {"k": 1, "alpha": 0.0}
+
+
+def test_pca_matches_the_covariance_and_whitening_gives_unit_variance():
+    rng = np.random.default_rng(2)
+    data = (rng.normal(size=(500, 4)) * [5.0, 2.0, 1.0, 0.1] + [3, 0, 0, 1]).astype(np.float32)
+    pca = PCAWhitening.fit(data, 2, whiten=True)
+    eigenvalues = np.sort(np.linalg.eigvalsh(np.cov(data.T, bias=True)))[::-1][:2]
+    np.testing.assert_allclose(pca.eigenvalues, eigenvalues, rtol=1e-4)
+    np.testing.assert_allclose(np.abs(pca.components[0, 0]), 1.0, atol=0.01)  # first component along the widest axis
+    projected = ((data - pca.mean) @ pca.components) / np.sqrt(pca.eigenvalues)
+    np.testing.assert_allclose(np.cov(projected.T, bias=True), np.eye(2), atol=1e-3)
+    out = pca.transform(data)
+    assert out.shape == (500, 2)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
+
+
+def test_pca_refuses_what_cannot_work():
+    rng = np.random.default_rng(3)
+    data = rng.normal(size=(10, 12)).astype(np.float32)
+    with pytest.raises(PostProcessingError, match="feature dimension 12"):
+        PCAWhitening.fit(data, 13, whiten=False)
+    with pytest.raises(PostProcessingError, match="span at most 9 dimensions"):
+        PCAWhitening.fit(data, 10, whiten=False)
+    flat = np.concatenate([data[:, :3], np.zeros((10, 3), np.float32)], axis=1)  # 3 directions carry no variance
+    with pytest.raises(PostProcessingError, match="only 3 directions"):
+        PCAWhitening.fit(flat, 5, whiten=True)
+    with pytest.raises(PostProcessingError, match="alpha"):
+        weighted_expansion(data[:1], data[None, :2], np.ones((1, 2)), alpha=-1)
