@@ -180,7 +180,7 @@ def main() -> None:
          f"   (vitp's flat-index search runs as blocked GEMMs; same top-{args.k} sets as FAISS: "
          f"{float((np.sort(faiss_ids, 1) == np.sort(ids, 1)).mean()):.1%})")
     line("evaluation (Top-K, P@K, mAP@K)", r["seed evaluation"][0], r["vitp evaluation"][0], r["vitp evaluation"][1],
-         f"   (seed computes Top-K only; Top-K identical)")
+         "   (seed computes Top-K only; Top-K identical)")
     line("evaluation + full-ranking mAP", 0, r["vitp evaluation + full mAP"][0], r["vitp evaluation + full mAP"][1],
          f"   (seed has no mAP; mAP {full.mean_average_precision:.4f})")
     line(f"query expansion (top {args.qe})", seed_qe_scaled, r["vitp QE"][0], r["vitp QE"][1],

@@ -1,6 +1,7 @@
 """Helpers shared by the tests (a module with a unique name, importable from every test folder)."""
 
 import torch
+from PIL import Image, ImageDraw
 
 
 def randomize_(model: torch.nn.Module, std: float = 0.2, seed: int = 0) -> torch.nn.Module:
@@ -36,3 +37,25 @@ def hf_to_remote_code(hf_state, depth, prefix="vision_model."):
         out[dst + "ls1"] = hf_state[src + "lambda_1"]
         out[dst + "ls2"] = hf_state[src + "lambda_2"]
     return {k: v.clone().contiguous() for k, v in out.items()}
+
+
+def draw_shape(kind: str, colour: tuple[int, int, int], rng, size=(48, 40), extent: int = 24) -> Image.Image:
+    """A coloured shape (ellipse, rectangle, cross) or stripes on a random dark background: images whose
+    class is visible, for retrieval tests. ``extent`` is the shape's size in pixels."""
+    background = tuple(int(v) for v in rng.integers(0, 70, 3))
+    image = Image.new("RGB", size, background)
+    draw = ImageDraw.Draw(image)
+    x, y = (int(v) for v in rng.integers(0, (2 * extent) // 3, 2))
+    if kind == "ellipse":
+        draw.ellipse([x, y, x + extent, y + extent - 2], fill=colour)
+    elif kind == "rectangle":
+        draw.rectangle([x, y, x + extent - 2, y + extent - 4], fill=colour)
+    elif kind == "cross":
+        third = extent * 11 // 30
+        draw.rectangle([x + third, y, x + extent - third, y + extent], fill=colour)
+        draw.rectangle([x, y + third, x + extent, y + extent - third], fill=colour)
+    else:
+        period = extent // 3
+        for stripe in range(0, size[0], period):
+            draw.rectangle([stripe + x % (period // 2), 0, stripe + x % (period // 2) + period // 2 - 1, size[1]], fill=colour)
+    return image

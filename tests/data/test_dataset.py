@@ -1,8 +1,5 @@
 """The training dataset and collator: tiles, image-token counts, drops, padding."""
 
-import json
-
-import pytest
 import torch
 
 from vitp.data.dataset import Collator, DataSettings, InstructionDataset

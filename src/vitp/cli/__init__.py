@@ -8,10 +8,10 @@ import logging
 import sys
 from typing import Sequence
 
-from vitp.cli import data, retrieval, train, vit
+from vitp.cli import data, demo, retrieval, serve, train, vit
 from vitp.errors import VitpError
 
-STAGES = (vit, data, train, retrieval)
+STAGES = (vit, data, train, retrieval, serve, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,7 +14,7 @@ import io
 import random
 import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 import numpy as np
 import torch
@@ -33,12 +33,14 @@ DEFAULT_MAX_PIXELS = 178_956_970
 
 
 class ImageError(VitpError):
-    """An image file that cannot be used; ``reason`` is a short phrase for reports."""
+    """An image that cannot be used; ``reason`` is a short phrase for reports, ``kind`` one of
+    "unreadable", "empty", "unsupported", "too large", "corrupt"."""
 
-    def __init__(self, path: Path | str, reason: str):
+    def __init__(self, path: Path | str, reason: str, kind: str = "corrupt"):
         super().__init__(f"{path}: {reason}")
         self.path = str(path)
         self.reason = reason
+        self.kind = kind
 
 
 def load_image(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -47,26 +49,38 @@ def load_image(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
     try:
         size = path.stat().st_size
     except OSError as err:
-        raise ImageError(path, f"cannot read ({err.strerror or err})") from None
-    if size == 0:
-        raise ImageError(path, "empty file")
+        raise ImageError(path, f"cannot read ({err.strerror or err})", "unreadable") from None
+    return decode_image(path, path, max_pixels, empty=size == 0)
+
+
+def decode_image(
+    source: Path | BinaryIO, name: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS,
+    formats: tuple[str, ...] | None = None, empty: bool = False,
+) -> Image.Image:
+    """Decode a file or an in-memory stream (an upload) to RGB. The pixel limit is checked from the
+    header, before decoding; ``formats`` restricts which of Pillow's decoders may run."""
+    if empty:
+        raise ImageError(name, "empty file", "empty")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
-            with Image.open(path) as image:
+            with Image.open(source, formats=formats) as image:
                 width, height = image.size
                 if width * height > max_pixels:
-                    raise ImageError(path, f"too large: {width}x{height} = {width * height} pixels > limit {max_pixels}")
+                    raise ImageError(
+                        name, f"too large: {width}x{height} = {width * height} pixels > limit {max_pixels}", "too large"
+                    )
                 image.load()  # decode now, so that truncation is found here and not later
                 return to_rgb(image)
     except ImageError:
         raise
     except UnidentifiedImageError:
-        raise ImageError(path, "not an image (unrecognised format)") from None
+        accepted = f" ({', '.join(formats)})" if formats else ""
+        raise ImageError(name, f"not an image in a supported format{accepted}", "unsupported") from None
     except Image.DecompressionBombError as err:  # beyond Pillow's hard limit, whatever max_pixels says
-        raise ImageError(path, f"too large ({err})") from None
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ImageError(path, f"corrupt or truncated ({err})") from None
+        raise ImageError(name, f"too large ({err})", "too large") from None
+    except Exception as err:  # noqa: BLE001 - any decoder failure on a bad file is the file's fault
+        raise ImageError(name, f"corrupt or truncated image ({type(err).__name__}: {err})", "corrupt") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -161,7 +161,6 @@ def evaluate_retrieval(
             dba_alpha=dba_alpha, search_parameters=search_parameters, faiss_device=faiss_device,
             progress_bar=progress_bar,
         )
-        gallery_name = f"gallery {gallery.source}"
     else:
         if pca_dimensions or whiten or dba_k or pca_fit is not None or factory != "Flat":
             raise EvaluationError(
@@ -170,7 +169,6 @@ def evaluate_retrieval(
             )
         if search_parameters:
             index.set_search_parameters(search_parameters)
-        gallery_name = index.name
     if queries is None:
         if gallery is None:
             raise EvaluationError("give --query_features (or --leave_one_out with the gallery's features as queries)")

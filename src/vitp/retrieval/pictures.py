@@ -38,6 +38,9 @@ def _thumbnail(path: str, size: int) -> Image.Image:
     except ImageError as err:
         ImageDraw.Draw(tile).text((4, size // 2 - 6), f"unreadable: {err.reason[:20]}", fill=MISMATCH, font=_font())
         return tile
+    if max(image.size) < size:  # small tiles (e.g. 32 px remote-sensing chips) are enlarged, pixels kept sharp
+        factor = size // max(image.size)
+        image = image.resize((image.width * factor, image.height * factor), Image.NEAREST)
     image.thumbnail((size, size))
     tile.paste(image, ((size - image.width) // 2, (size - image.height) // 2))
     return tile

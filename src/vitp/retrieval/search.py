@@ -22,7 +22,7 @@ from vitp.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, iter_image_fi
 from vitp.errors import VitpError
 from vitp.model.vision import VisionConfig
 from vitp.retrieval.feature_file import FeatureSet
-from vitp.retrieval.features import embed_files, load_feature_model
+from vitp.retrieval.features import FeatureModel, embed_files, load_feature_model
 from vitp.retrieval.index import RetrievalIndex
 from vitp.retrieval.pictures import SheetRow, write_contact_sheet
 from vitp.tensor_io import atomic_path
@@ -124,6 +124,26 @@ def query_files(image: str | Path) -> list[Path]:
     return [Path(os.path.abspath(image))]
 
 
+def load_index_model(
+    index: RetrievalIndex, vit_checkpoint: str | Path | None = None, device: str = "auto", dtype: str | None = None
+) -> FeatureModel:
+    """The ViT recorded in the index's feature settings, configured as it was for the gallery."""
+    settings = index.feature_settings
+    if not settings or "vit_checkpoint" not in settings:
+        raise SearchError(
+            f"{index.name} was built from features without vitp settings (the seed's .npz?), so the model that "
+            f"made them is unknown; extract gallery and query features with `vitp features`"
+        )
+    checkpoint = Path(vit_checkpoint or settings["vit_checkpoint"])
+    if not checkpoint.exists():
+        raise SearchError(
+            f"the index's gallery was embedded with {settings['vit_checkpoint']}, which no longer exists; "
+            f"pass its new location with --vit_checkpoint"
+        )
+    config = VisionConfig.from_dict(settings["model_config"]) if settings.get("model_config") else None
+    return load_feature_model(checkpoint, vit_config=config, device=device, dtype=dtype or settings.get("dtype", "auto"))
+
+
 def embed_queries(
     index: RetrievalIndex,
     image: str | Path,
@@ -137,21 +157,8 @@ def embed_queries(
 ) -> tuple[FeatureSet | None, list[tuple[str, str]]]:
     """Embed query images exactly like the gallery: same checkpoint, config, layer, pooling, size."""
     settings = index.feature_settings
-    if not settings or "vit_checkpoint" not in settings:
-        raise SearchError(
-            f"{index.name} was built from features without vitp settings, so the model that made them is unknown; "
-            f"extract query features with the same model and pass --query_features"
-        )
-    checkpoint = Path(vit_checkpoint or settings["vit_checkpoint"])
-    if not checkpoint.exists():
-        raise SearchError(
-            f"the index's gallery was embedded with {settings['vit_checkpoint']}, which no longer exists; "
-            f"pass its new location with --vit_checkpoint"
-        )
-    config = VisionConfig.from_dict(settings["model_config"]) if settings.get("model_config") else None
-    feature_model = load_feature_model(
-        checkpoint, vit_config=config, device=device, dtype=dtype or settings.get("dtype", "auto")
-    )
+    feature_model = load_index_model(index, vit_checkpoint, device, dtype)
+    checkpoint = feature_model.checkpoint
     queries, skipped = embed_files(
         feature_model,
         query_files(image),

@@ -21,11 +21,13 @@ def plot_loss_curve(log_history: list[dict], path: Path) -> Path | None:
     axis.set_xlabel("step")
     axis.set_ylabel("training loss")
     axis.grid(alpha=0.3)
+    handles = axis.get_lines()
     rates = [(entry["step"], entry["learning_rate"]) for entry in log_history if "learning_rate" in entry]
     if rates:
         twin = axis.twinx()
-        twin.plot(*zip(*rates), color="tab:orange", alpha=0.6, label="learning rate")
+        handles += twin.plot(*zip(*rates), color="tab:orange", alpha=0.6, label="learning rate")
         twin.set_ylabel("learning rate")
+    axis.legend(handles, [line.get_label() for line in handles], loc="upper right")
     axis.set_title("ViTP pretraining")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

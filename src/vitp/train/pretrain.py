@@ -30,7 +30,7 @@ from vitp.data.tokenizer import load_tokenizer
 from vitp.errors import ConfigError
 from vitp.model.checkpoint import build_vlm, load_vlm, load_vlm_weights, save_vlm
 from vitp.model.tmaug import TMAugConfig
-from vitp.model.vlm import VisionLanguageModel, VLMConfig
+from vitp.model.vlm import VisionLanguageModel
 from vitp.train.plots import plot_loss_curve
 
 logger = logging.getLogger("vitp")

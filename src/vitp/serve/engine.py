@@ -1,0 +1,287 @@
+"""The search behind `vitp serve`: a saved index, the ViT that embedded its gallery, and thumbnails.
+
+A query image (an upload, or a gallery file) goes through exactly what `vitp features` did to the
+gallery: decoded with the same limits, InternVL's transform at the model's size, the index's layer
+and pooling, L2-normalised; the ViT must be the one whose fingerprint the index records. Only files
+listed in the index are ever read from disk (thumbnails, gallery queries): a path is looked up in the
+index's list of paths, never joined onto a folder, so ``..``, other absolute paths and symlinks that
+were not indexed cannot reach anything.
+
+Everything here is safe to call from many threads at once (the web server's thread pool).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from vitp.data.images import DEFAULT_MAX_PIXELS, ImageError, build_transform, decode_image, load_image
+from vitp.errors import VitpError
+from vitp.retrieval.features import FeatureModel, embed_batch, extraction_settings
+from vitp.retrieval.index import RetrievalIndex
+
+# Pillow formats an upload may be in: those of the files `vitp features` indexes (.jpg .png .tif .bmp
+# .webp; Pillow's JPEG opener also covers multi-picture camera JPEGs). Naming them keeps Pillow's other
+# decoders, some of which call external programs (EPS -> Ghostscript), away from untrusted bytes.
+UPLOAD_FORMATS = ("JPEG", "PNG", "TIFF", "BMP", "WEBP")
+THUMBNAIL_QUALITY = 85
+# Thumbnails are cached as encoded JPEG bytes, least recently used first out, up to this many bytes.
+DEFAULT_THUMBNAIL_CACHE_BYTES = 64 * 2**20
+# A class-filtered search first asks the index for this many times k results, then 4x more each time
+# until k of the class are found (or the whole gallery has been ranked).
+_FILTER_DEPTH_FACTOR = 4
+_FILTER_MIN_DEPTH = 64
+
+
+class ServeError(VitpError):
+    """A request that cannot be answered as asked; ``status_code`` is the HTTP status that says why."""
+
+    status_code = 400
+
+
+class BadUpload(ServeError):
+    """An empty, corrupt or truncated upload."""
+
+
+class UnsupportedUpload(ServeError):
+    status_code = 415
+
+
+class UploadTooLarge(ServeError):
+    status_code = 413
+
+
+class NotInGallery(ServeError):
+    """A path that is not one of the index's gallery images, or whose file cannot be read any more."""
+
+    status_code = 404
+
+
+class UnknownClass(ServeError):
+    status_code = 400
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+# --------------------------------------------------------------------------------------------------
+# Decoding uploads
+
+
+def decode_upload(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """An uploaded image as RGB, decoded in memory with the checks of ``vitp features`` (nothing is
+    written to disk); only the formats of UPLOAD_FORMATS may reach Pillow's decoders."""
+    try:
+        return decode_image(io.BytesIO(data), name, max_pixels, formats=UPLOAD_FORMATS, empty=not data)
+    except ImageError as err:
+        error = {"unsupported": UnsupportedUpload, "too large": UploadTooLarge}.get(err.kind, BadUpload)
+        raise error(str(err)) from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Search
+
+
+@dataclass
+class Hit:
+    rank: int
+    id: int  # the gallery row (FAISS id)
+    path: str
+    label: str
+    score: float
+
+
+@dataclass
+class SearchOutcome:
+    hits: list[Hit]
+    embed_ms: float
+    search_ms: float
+
+
+class ThumbnailCache:
+    """Encoded thumbnails, least recently used dropped first once ``max_bytes`` are held."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[tuple, bytes] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> bytes | None:
+        with self._lock:
+            data = self._entries.get(key)
+            if data is not None:
+                self._entries.move_to_end(key)
+            return data
+
+    def put(self, key: tuple, data: bytes) -> None:
+        if len(data) > self.max_bytes:
+            return
+        with self._lock:
+            if key in self._entries:
+                return
+            self._entries[key] = data
+            self._bytes += len(data)
+            while self._bytes > self.max_bytes:
+                _, dropped = self._entries.popitem(last=False)
+                self._bytes -= len(dropped)
+
+
+class SearchEngine:
+    """Embeds query images with the gallery's ViT and searches the index."""
+
+    def __init__(
+        self,
+        index: RetrievalIndex,
+        feature_model: FeatureModel,
+        *,
+        max_pixels: int | None = None,
+        thumbnail_cache_bytes: int = DEFAULT_THUMBNAIL_CACHE_BYTES,
+    ):
+        settings = index.feature_settings or {}
+        self.index = index
+        self.feature_model = feature_model
+        self.max_pixels = max_pixels or settings.get("max_pixels", DEFAULT_MAX_PIXELS)
+        self.query_settings = extraction_settings(feature_model, settings["select_layer"], settings["pool"], self.max_pixels)
+        self._transform = build_transform(feature_model.image_size)
+        self.paths = [str(path) for path in index.image_paths]
+        self.labels = [str(label) for label in index.labels]
+        self.class_counts = dict(sorted(Counter(self.labels).items()))
+        self._rows_of_class: dict[str, list[int]] = {label: [] for label in self.class_counts}
+        for row, label in enumerate(self.labels):
+            self._rows_of_class[label].append(row)
+        self._id_of_path: dict[str, int] = {}
+        for row, path in enumerate(self.paths):
+            self._id_of_path.setdefault(path, row)
+        # One forward (and one search) at a time: the ViT and torch already use every core for one
+        # query; concurrent forwards would only compete for them. Decoding stays parallel, bounded
+        # so that a burst of large uploads cannot hold unbounded decoded pixels in memory.
+        self._compute_lock = threading.Lock()
+        self._decode_slots = threading.BoundedSemaphore(max(2, os.cpu_count() or 1))
+        self._thumbnails = ThumbnailCache(thumbnail_cache_bytes)
+        # A first forward warms the model up and gives the query dimension to check against the index.
+        warmup = self.embed(Image.new("RGB", (feature_model.image_size, feature_model.image_size)))
+        index.check_queries(self.query_settings, len(warmup), f"queries embedded with {feature_model.checkpoint}")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def describe(self) -> dict[str, Any]:
+        settings = self.query_settings
+        return {
+            "index": self.index.name,
+            "index_type": self.index.describe(),
+            "images": len(self),
+            "classes": len(self.class_counts),
+            "model": {
+                "checkpoint": settings["vit_checkpoint"],
+                "fingerprint": settings["model_fingerprint"],
+                "layer": settings["layer"],
+                "pool": settings["pool"],
+                "image_size": settings["image_size"],
+                "device": self.feature_model.device.type,
+                "dtype": self.feature_model.dtype,
+            },
+        }
+
+    # ---------------------------------------------------------------------------------------------
+    # Gallery
+
+    def gallery_id(self, path: str) -> int:
+        """The row of a gallery path exactly as the index lists it (404 for anything else)."""
+        row = self._id_of_path.get(path)
+        if row is None:
+            raise NotInGallery(f"{path!r} is not an image of this gallery")
+        return row
+
+    def check_class(self, label: str | None) -> None:
+        if label is not None and label not in self.class_counts:
+            shown = ", ".join(list(self.class_counts)[:20]) + (", ..." if len(self.class_counts) > 20 else "")
+            raise UnknownClass(f"class {label!r} is not in this gallery (classes: {shown})")
+
+    def gallery_items(self, offset: int, limit: int, label: str | None = None) -> tuple[int, list[int]]:
+        """(how many match, the rows offset..offset+limit of them) in index order."""
+        self.check_class(label)
+        rows = range(len(self)) if label is None else self._rows_of_class[label]
+        return len(rows), list(rows[offset : offset + limit])
+
+    def load_gallery_image(self, path: str) -> Image.Image:
+        self.gallery_id(path)
+        with self._decode_slots:
+            try:
+                return load_image(path, self.max_pixels)
+            except ImageError as err:
+                raise NotInGallery(f"gallery image {path} cannot be read: {err.reason}") from None
+
+    def thumbnail(self, path: str, size: int) -> bytes:
+        """A JPEG at most ``size`` pixels on its longer side, of a gallery image only."""
+        self.gallery_id(path)
+        try:
+            stat = os.stat(path)
+        except OSError as err:
+            raise NotInGallery(f"gallery image {path} cannot be read: {err.strerror or err}") from None
+        key = (path, size, stat.st_mtime_ns, stat.st_size)  # a replaced file is drawn again
+        data = self._thumbnails.get(key)
+        if data is None:
+            image = self.load_gallery_image(path)
+            image.thumbnail((size, size), Image.Resampling.BICUBIC)
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=THUMBNAIL_QUALITY)
+            data = buffer.getvalue()
+            self._thumbnails.put(key, data)
+        return data
+
+    # ---------------------------------------------------------------------------------------------
+    # Queries
+
+    def decode_upload(self, data: bytes, name: str) -> Image.Image:
+        with self._decode_slots:
+            return decode_upload(data, name, self.max_pixels)
+
+    def embed(self, image: Image.Image) -> np.ndarray:
+        """The image's feature vector, as `vitp features` computes it for gallery images."""
+        pixels = self._transform(image).unsqueeze(0)
+        with self._compute_lock:
+            pixels = pixels.to(self.feature_model.device)
+            layer, pool = self.query_settings["layer"], self.query_settings["pool"]
+            return embed_batch(self.feature_model.model, pixels, layer, pool)[0].cpu().numpy()
+
+    def search_image(self, image: Image.Image, k: int, label: str | None = None, exclude_id: int | None = None) -> SearchOutcome:
+        started = time.perf_counter()
+        vector = self.embed(image)
+        embedded = time.perf_counter()
+        hits = self.search_vector(vector, k, label, exclude_id)
+        return SearchOutcome(hits, (embedded - started) * 1000, (time.perf_counter() - embedded) * 1000)
+
+    def search_vector(self, vector: np.ndarray, k: int, label: str | None = None, exclude_id: int | None = None) -> list[Hit]:
+        """The top-k gallery images for a feature vector; of class ``label`` only when given;
+        never the gallery row ``exclude_id`` (the query itself, when it comes from the gallery)."""
+        self.check_class(label)
+        query = self.index.prepare_queries(vector[None, :])
+        exclude = None if exclude_id is None else np.array([exclude_id], dtype=np.int64)
+        depth = k if label is None else max(k * _FILTER_DEPTH_FACTOR, _FILTER_MIN_DEPTH)
+        while True:
+            depth = min(depth, len(self))
+            with self._compute_lock:
+                scores, ids, _ = self.index.search(query, depth, exclude=exclude)
+            found = [
+                (int(row), float(score))
+                for row, score in zip(ids[0], scores[0])
+                if row >= 0 and (label is None or self.labels[row] == label)
+            ]
+            if len(found) >= k or depth >= len(self):
+                break
+            depth *= _FILTER_DEPTH_FACTOR
+        return [
+            Hit(rank, row, self.paths[row], self.labels[row], score)
+            for rank, (row, score) in enumerate(found[:k], start=1)
+        ]
