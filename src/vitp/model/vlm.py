@@ -179,9 +179,12 @@ class VisionLanguageModel(nn.Module):
         tile_sample_index: torch.Tensor | None = None,  # from the collator; num_tiles carries the same facts
     ) -> VLMOutput:
         embeds = self.embed_inputs(input_ids, pixel_values, num_tiles, where)
-        position_ids = (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+        # Right-padded batches: positions are 0..n-1, which the LLM derives itself (and then keeps its
+        # fastest attention path). Only TMAug's dropped tokens leave gaps that need explicit positions.
+        position_ids = None
         tmaug_stats: dict[str, int] | None = None
         if self.training and self.tmaug.active:
+            position_ids = (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
             image_mask = input_ids == self.vlm_config.image_token_id
             batch = apply_tmaug(embeds, attention_mask, position_ids, labels, image_mask, self.tmaug)
             embeds, attention_mask, position_ids, labels = (
