@@ -440,7 +440,7 @@ def infer_config(checkpoint: Checkpoint) -> VisionConfig:
 
 
 def load_vit(
-    path: str | Path,
+    path: str | Path | Checkpoint,
     *,
     config: VisionConfig | None = None,
     image_size: int | None = None,
@@ -451,8 +451,9 @@ def load_vit(
 
     ``config`` overrides the checkpoint's own; ``image_size`` builds the model for another native
     resolution (the position embedding is resampled); ``dtype=None`` keeps the stored precision.
+    ``path`` may be a Checkpoint already inspected, so that its files are opened once.
     """
-    checkpoint = inspect_checkpoint(path)
+    checkpoint = path if isinstance(path, Checkpoint) else inspect_checkpoint(path)
     if config is not None:
         origin = "the config given"
     elif checkpoint.config is not None:
@@ -472,37 +473,70 @@ def read_vit_state(
 ) -> dict[str, torch.Tensor]:
     """The checkpoint's ViT tensors under the model's names, after checking names and shapes."""
     expected = {key: tuple(t.shape) for key, t in model.state_dict().items()}
-    prefix, layout = checkpoint.prefix, checkpoint.layout
-    available = {key[len(prefix) :] for key in checkpoint.source.keys() if key.startswith(prefix)}
-    names = {key: foreign_names(key, layout) for key in expected}
-    used = {name for key in expected for name in names[key]}
-
-    missing = [prefix + name for key in expected for name in names[key] if name not in available]
-    unexpected = _natural_sorted(prefix + name for name in available - used)
-    stored = checkpoint.source.shapes(prefix + name for name in used & available)
-    wrong_shapes = []
-    for key, shape in expected.items():
-        if any(name not in available for name in names[key]):
-            continue  # already reported as missing
-        parts = [stored[prefix + name] for name in names[key]]
-        found = parts[0] if len(parts) == 1 else (sum(p[0] for p in parts), *parts[0][1:])
-        if found != shape and not (key == "pos_embed" and _is_other_grid(found, shape)):
-            shown = " + ".join(str(list(p)) for p in parts)
-            wrong_shapes.append(f"{prefix}{' / '.join(names[key])} is {shown}, expected {list(shape)}")
-    if missing or unexpected or wrong_shapes:
-        raise WeightFormatError(
-            _mismatch_message(checkpoint, model, config_origin, missing, unexpected, wrong_shapes)
-        )
-
-    loaded = checkpoint.source.load(prefix + name for name in used)
-    state: dict[str, torch.Tensor] = {}
-    for key, shape in expected.items():
-        parts = [loaded[prefix + name] for name in names[key]]
-        state[key] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-    if tuple(state["pos_embed"].shape) != expected["pos_embed"]:
-        state["pos_embed"] = _resample_pos_embed(state["pos_embed"], expected["pos_embed"][1], checkpoint.path)
+    prefix = checkpoint.prefix
+    on_disk = {key[len(prefix) :]: key for key in checkpoint.source.keys() if key.startswith(prefix)}
+    config = model.config
+    header = [
+        f"cannot load the ViT from {checkpoint.path}",
+        f"  detected format: {checkpoint.describe()}",
+        f"  expected: InternViT with {config.num_layers} layers, hidden {config.hidden_size}, "
+        f"MLP {config.intermediate_size}, patch {config.patch_size}, image {config.image_size}, "
+        f"qkv bias {config.qkv_bias} (config: {config_origin})",
+    ]
+    state = read_checked_state(
+        checkpoint.source, on_disk, {key: foreign_names(key, checkpoint.layout) for key in expected}, expected,
+        header, shown_prefix=prefix, pos_embed_key="pos_embed", where=checkpoint.path,
+    )
     target = dtype or _dominant_dtype(state)
     return {key: tensor.to(target) for key, tensor in state.items()}
+
+
+def read_checked_state(
+    source: TensorSource,
+    on_disk: Mapping[str, str],
+    names: Mapping[str, tuple[str, ...]],
+    expected: Mapping[str, tuple[int, ...]],
+    header: list[str],
+    *,
+    optional: frozenset[str] = frozenset(),
+    shown_prefix: str = "",
+    pos_embed_key: str | None = None,
+    where: object = "",
+) -> dict[str, torch.Tensor]:
+    """The one strict loader behind every format: ``names`` maps each of our tensors to its name(s) in
+    the checkpoint (three for a split qkv), ``on_disk`` those names to the stored keys. Every expected
+    tensor must be there with its shape (``optional`` ones may be absent) and nothing may be left over,
+    or one WeightFormatError lists the first offenders under ``header``. A position embedding for another
+    patch grid is the one difference tolerated: it is resampled, and the resampling is logged."""
+    missing = [shown_prefix + n for key, ns in names.items() if key not in optional for n in ns if n not in on_disk]
+    used = {n for ns in names.values() for n in ns if n in on_disk}
+    unexpected = _natural_sorted(shown_prefix + n for n in set(on_disk) - used)
+    shapes = source.shapes(on_disk[n] for n in used)
+    wrong = []
+    for key, ns in names.items():
+        if not all(n in on_disk for n in ns):
+            continue  # reported as missing (or optional)
+        parts = [shapes[on_disk[n]] for n in ns]
+        found = parts[0] if len(parts) == 1 else (sum(p[0] for p in parts), *parts[0][1:])
+        if found != tuple(expected[key]) and not (key == pos_embed_key and _is_other_grid(found, tuple(expected[key]))):
+            shown = " / ".join(shown_prefix + n for n in ns)
+            wrong.append(f"{shown} is {' + '.join(str(list(p)) for p in parts)}, expected {list(expected[key])}")
+    if missing or unexpected or wrong:
+        lines = list(header)
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if items:
+                listed = "; ".join(items[:5]) + (f"; ... ({len(items) - 5} more)" if len(items) > 5 else "")
+                lines.append(f"  {title} ({len(items)}): {listed}")
+        raise WeightFormatError("\n".join(lines))
+    loaded = source.load(on_disk[n] for n in used)
+    state = {}
+    for key, ns in names.items():
+        if all(n in on_disk for n in ns):
+            parts = [loaded[on_disk[n]] for n in ns]
+            state[key] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+    if pos_embed_key in state and tuple(state[pos_embed_key].shape) != tuple(expected[pos_embed_key]):
+        state[pos_embed_key] = _resample_pos_embed(state[pos_embed_key], expected[pos_embed_key][1], where)
+    return state
 
 
 def _is_other_grid(found: tuple[int, ...], expected: tuple[int, ...]) -> bool:
@@ -534,29 +568,6 @@ def _dominant_dtype(state: Mapping[str, torch.Tensor]) -> torch.dtype:
     for tensor in state.values():
         counts[tensor.dtype] += tensor.numel()
     return counts.most_common(1)[0][0]
-
-
-def _mismatch_message(
-    checkpoint: Checkpoint,
-    model: InternViT,
-    config_origin: str,
-    missing: list[str],
-    unexpected: list[str],
-    wrong_shapes: list[str],
-) -> str:
-    config = model.config
-    lines = [
-        f"cannot load the ViT from {checkpoint.path}",
-        f"  detected format: {checkpoint.describe()}",
-        f"  expected: InternViT with {config.num_layers} layers, hidden {config.hidden_size}, "
-        f"MLP {config.intermediate_size}, patch {config.patch_size}, image {config.image_size}, "
-        f"qkv bias {config.qkv_bias} (config: {config_origin})",
-    ]
-    for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shapes)):
-        if items:
-            shown = "; ".join(items[:5]) + (f"; ... ({len(items) - 5} more)" if len(items) > 5 else "")
-            lines.append(f"  {title} ({len(items)}): {shown}")
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -604,7 +615,7 @@ def convert_vit(
 ) -> tuple[Checkpoint, InternViT, list[Path]]:
     """Load a ViT from any supported checkpoint and write it in one of the save formats."""
     checkpoint = inspect_checkpoint(source)
-    model = load_vit(source, config=config, dtype=dtype)
+    model = load_vit(checkpoint, config=config, dtype=dtype)
     return checkpoint, model, save_vit(model, destination, to=to, key_prefix=key_prefix)
 
 
@@ -682,35 +693,9 @@ def read_vlm_state(
     """Our VLM's tensors from a checkpoint in ``layout``, strictly: every expected tensor present with
     its shape, nothing left over (a tied LM head may be absent)."""
     on_disk = {(canonical_hf_key(k) if layout == "hf" else k): k for k in source.keys()}
-    names = {key: vlm_foreign_names(key, layout) for key in expected}
-    optional = {"language_model.lm_head.weight"} if tied_lm_head else set()
-    missing = [n for key, ns in names.items() if key not in optional for n in ns if n not in on_disk]
-    used = {n for ns in names.values() for n in ns if n in on_disk}
-    unexpected = _natural_sorted(set(on_disk) - used)
-    shapes = source.shapes(on_disk[n] for n in used)
-    wrong = []
-    for key, ns in names.items():
-        if not all(n in on_disk for n in ns):
-            continue
-        parts = [shapes[on_disk[n]] for n in ns]
-        found = parts[0] if len(parts) == 1 else (sum(p[0] for p in parts), *parts[0][1:])
-        other_grid = key == "vision_model.pos_embed" and _is_other_grid(found, tuple(expected[key]))
-        if found != tuple(expected[key]) and not other_grid:
-            wrong.append(f"{' / '.join(ns)} is {' + '.join(str(list(p)) for p in parts)}, expected {list(expected[key])}")
-    if missing or unexpected or wrong:
-        lines = [f"cannot load the vision-language model from {where}", f"  detected format: {kind}"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-            if items:
-                shown = "; ".join(items[:5]) + (f"; ... ({len(items) - 5} more)" if len(items) > 5 else "")
-                lines.append(f"  {title} ({len(items)}): {shown}")
-        raise WeightFormatError("\n".join(lines))
-    loaded = source.load(on_disk[n] for n in used)
-    state = {}
-    for key, ns in names.items():
-        if all(n in on_disk for n in ns):
-            parts = [loaded[on_disk[n]] for n in ns]
-            state[key] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-    pos_embed = state.get("vision_model.pos_embed")
-    if pos_embed is not None and tuple(pos_embed.shape) != tuple(expected["vision_model.pos_embed"]):
-        state["vision_model.pos_embed"] = _resample_pos_embed(pos_embed, expected["vision_model.pos_embed"][1], where)
-    return state
+    return read_checked_state(
+        source, on_disk, {key: vlm_foreign_names(key, layout) for key in expected}, expected,
+        [f"cannot load the vision-language model from {where}", f"  detected format: {kind}"],
+        optional=frozenset({"language_model.lm_head.weight"}) if tied_lm_head else frozenset(),
+        pos_embed_key="vision_model.pos_embed", where=where,
+    )
