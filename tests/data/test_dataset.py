@@ -88,6 +88,20 @@ def test_jpeg_augmentation_only_when_asked_and_training(tmp_path, bpe_tokenizer)
     assert not torch.equal(plain[0]["pixel_values"], augmented[0]["pixel_values"])
 
 
+def test_jpeg_quality_is_drawn_from_upstreams_range_per_tile(tmp_path, bpe_tokenizer, monkeypatch):
+    import vitp.data.dataset as dataset_module
+
+    qualities = []
+    real = dataset_module.jpeg_reencode
+    monkeypatch.setattr(dataset_module, "jpeg_reencode", lambda image, q: qualities.append(q) or real(image, q))
+    save_image(tmp_path / "images" / "wide.png", 200, 100)  # 3 tiles per sample
+    data = dataset_of(tmp_path, [{"image": "wide.png", "conversations": conversation()}], bpe_tokenizer,
+                      data_augment=True)
+    for _ in range(20):
+        data[0]
+    assert len(qualities) == 60 and min(qualities) >= 75 and max(qualities) <= 100 and len(set(qualities)) > 5
+
+
 def test_collator_pads_to_the_longest_sample_and_maps_tiles(tmp_path, bpe_tokenizer):
     save_image(tmp_path / "images" / "wide.png", 200, 100)
     lines = [

@@ -1,7 +1,5 @@
 """Image decoding safety, InternVL's transform and dynamic tiling (against a brute force of the rule)."""
 
-import random
-
 import numpy as np
 import pytest
 import torch
@@ -176,10 +174,3 @@ def test_pixel_values_stack_tiles():
     tiles = dynamic_preprocess(gradient_image(300, 100), max_num=6, image_size=28, use_thumbnail=True)
     values = pixel_values(tiles, 28)
     assert values.shape == (len(tiles), 3, 28, 28)
-
-
-def test_random_jpeg_quality_stays_in_upstream_range():
-    from vitp.data.images import random_jpeg_reencode
-
-    rng = random.Random(0)
-    assert random_jpeg_reencode(gradient_image(32, 32), rng).size == (32, 32)

@@ -61,8 +61,8 @@ def logged_losses(output):
 
 
 def test_loss_falls_and_the_run_writes_everything(workspace, tmp_path):
-    output = pretrain(config(workspace, tmp_path / "run", max_steps=40, save_steps=20, logging_steps=5,
-                             drop_path_rate=0.1, TMAug_prob=0.5))
+    output = pretrain(config(workspace, tmp_path / "run", max_steps=40, save_steps=10, save_total_limit=2,
+                             logging_steps=5, drop_path_rate=0.1, TMAug_prob=0.5, report_to="tensorboard"))
     history = json.loads((output / "checkpoint-40" / "trainer_state.json").read_text())["log_history"]
     losses = [entry["loss"] for entry in history if "loss" in entry]
     assert losses[-1] < 0.7 * losses[0]
@@ -70,7 +70,9 @@ def test_loss_falls_and_the_run_writes_everything(workspace, tmp_path):
     assert (output / "loss.png").stat().st_size > 1000
     model = InternVLForConditionalGeneration.from_pretrained(output)
     assert model.config.vision_config.image_size == [56, 56]
-    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-20", "checkpoint-40"]
+    # a checkpoint every 10 steps, the 2 newest kept
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-30", "checkpoint-40"]
+    assert list((output / "runs").rglob("events.out.tfevents.*")), "no TensorBoard event file"
 
 
 def test_resume_repeats_the_uninterrupted_loss_sequence(workspace, tmp_path):

@@ -20,19 +20,11 @@ def add_data_settings(parser: argparse.ArgumentParser) -> None:
 
 
 def data_settings(args: argparse.Namespace):
-    from vitp.data.dataset import DataSettings
+    from vitp.data import dataset
+    from vitp.model.projector import tokens_per_tile
 
-    tokens_per_side = args.force_image_size // args.patch_size
-    return DataSettings(
-        force_image_size=args.force_image_size,
-        num_image_token=int(tokens_per_side**2 * args.down_sample_ratio**2),
-        min_dynamic_patch=args.min_dynamic_patch,
-        max_dynamic_patch=args.max_dynamic_patch,
-        use_thumbnail=args.use_thumbnail,
-        dynamic_image_size=args.dynamic_image_size,
-        max_seq_length=args.max_seq_length,
-        system_message=args.system_message,
-    )
+    tokens = tokens_per_tile(args.force_image_size, args.patch_size, args.down_sample_ratio)
+    return dataset.data_settings(args, args.force_image_size, tokens)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -38,6 +38,15 @@ class DataSettings:
     system_message: str | None = None  # None: the template's default system message
 
 
+def data_settings(flags: Any, force_image_size: int, num_image_token: int) -> DataSettings:
+    """DataSettings from anything holding upstream's data flags as attributes (parsed command-line
+    arguments, a PretrainConfig); the tile size and its token count come from the model."""
+    names = ("min_dynamic_patch", "max_dynamic_patch", "use_thumbnail", "dynamic_image_size", "max_seq_length",
+             "system_message")
+    return DataSettings(force_image_size=force_image_size, num_image_token=num_image_token,
+                        **{name: getattr(flags, name) for name in names})
+
+
 def open_sample_image(spec: DatasetSpec, relative: str, where: str, max_pixels: int) -> Image.Image:
     """Decode one image of a sample, or SampleError saying whether it is missing or unreadable."""
     path = image_path(spec, relative, where)

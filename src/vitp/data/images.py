@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import io
-import random
 import warnings
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -109,10 +108,6 @@ def jpeg_reencode(image: Image.Image, quality: int) -> Image.Image:
     image.save(buffer, format="JPEG", quality=quality)
     buffer.seek(0)
     return Image.open(buffer).convert("RGB")
-
-
-def random_jpeg_reencode(image: Image.Image, rng: random.Random) -> Image.Image:
-    return jpeg_reencode(image, rng.randint(75, 100))
 
 
 def candidate_grids(min_num: int, max_num: int) -> list[tuple[int, int]]:

@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 from vitp.demo.scene import CLASSES  # noqa: E402
 from vitp.retrieval.evaluate import EvaluationReport  # noqa: E402
 from vitp.retrieval.feature_file import FeatureSet  # noqa: E402
+from vitp.retrieval.index import RetrievalIndex  # noqa: E402
 from vitp.retrieval.pictures import SheetRow, write_contact_sheet  # noqa: E402
 
 CLASS_RULES = [
@@ -41,7 +42,8 @@ def sample_tiles_figure(data: Path, path: Path, per_class: int = 4, scale: int =
     """A row of gallery tiles per class, enlarged (nearest neighbour: the pixels are the data)."""
     rows = []
     for label in CLASSES:
-        files = sorted((data / "gallery" / label).glob("*.png"))[:: max(1, len(sorted((data / "gallery" / label).glob("*.png"))) // per_class)][:per_class]
+        files = sorted((data / "gallery" / label).glob("*.png"))
+        files = files[:: max(1, len(files) // per_class)][:per_class]  # spread over the class
         rows.append((label, [Image.open(f).convert("RGB") for f in files]))
     size = rows[0][1][0].width * scale
     label_width, margin = 130, 6
@@ -92,14 +94,16 @@ def metrics_figure(results: list[MethodResult], path: Path) -> Path:
 def examples_figure(result: MethodResult, path: Path, per_class: int = 2, k: int = 5) -> Path:
     """Query tiles (a few per class) and their top-5 gallery tiles; frames green if the class matches."""
     queries, gallery = result.queries, result.gallery
-    scores = queries.features @ gallery.features.T
-    rows = []
+    chosen = []
     for label in CLASSES:
-        members = np.flatnonzero(queries.labels == label)[:: max(1, (queries.labels == label).sum() // per_class)][:per_class]
-        for q in members:
-            best = np.argsort(-scores[q])[:k]
-            rows.append(SheetRow(str(queries.image_paths[q]), label,
-                                 [(str(gallery.image_paths[g]), str(gallery.labels[g]), float(scores[q, g])) for g in best]))
+        members = np.flatnonzero(queries.labels == label)
+        chosen += list(members[:: max(1, len(members) // per_class)][:per_class])
+    scores, ids = RetrievalIndex.build(gallery, progress_bar=False).top_k(queries.features[chosen], k)
+    rows = [
+        SheetRow(str(queries.image_paths[q]), str(queries.labels[q]),
+                 [(str(gallery.image_paths[g]), str(gallery.labels[g]), float(s)) for g, s in zip(row_ids, row_scores)])
+        for q, row_ids, row_scores in zip(chosen, ids, scores)
+    ]
     return write_contact_sheet(rows, path, thumbnail=96)
 
 

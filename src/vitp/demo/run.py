@@ -58,12 +58,10 @@ QUICK = dataclasses.replace(DEFAULT, pretrain_stride=32, max_steps=150)
 
 class Stopwatch:
     def __init__(self) -> None:
-        self.start = self.lap_start = time.perf_counter()
+        self.start = time.perf_counter()
 
     def step(self, message: str) -> None:
-        now = time.perf_counter()
-        print(f"[{now - self.start:6.1f} s] {message}", flush=True)
-        self.lap_start = now
+        print(f"[{time.perf_counter() - self.start:6.1f} s] {message}", flush=True)
 
     @property
     def total(self) -> float:

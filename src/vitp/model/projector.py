@@ -19,6 +19,11 @@ def pixel_shuffle(features: torch.Tensor, scale: float = 0.5) -> torch.Tensor:
     return x.permute(0, 2, 1, 3).contiguous()
 
 
+def tokens_per_tile(image_size: int, patch_size: int, downsample_ratio: float) -> int:
+    """LLM tokens one tile becomes: (448 / 14)² patches, pixel-shuffled by 0.5 -> 256."""
+    return int((image_size // patch_size) ** 2 * downsample_ratio**2)
+
+
 def build_projector(vision_hidden: int, llm_hidden: int, downsample_ratio: float) -> nn.Sequential:
     """``mlp1``: LayerNorm -> Linear -> GELU -> Linear, from shuffled ViT tokens to LLM embeddings.
     Indices 0, 1, 3 are the parameter names InternVL checkpoints use (mlp1.0, mlp1.1, mlp1.3)."""

@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.utils import ModelOutput
 
 from vitp.errors import ConfigError
-from vitp.model.projector import build_projector, pixel_shuffle
+from vitp.model.projector import build_projector, pixel_shuffle, tokens_per_tile
 from vitp.model.tmaug import TMAugConfig, apply_tmaug
 from vitp.model.vision import PRESETS, InternViT, VisionConfig
 
@@ -39,7 +39,7 @@ class VLMConfig:
     @property
     def num_image_token(self) -> int:
         """LLM tokens per tile: 256 for 448-px tiles, patch 14, downsample 0.5."""
-        return int(self.vision.grid_size**2 * self.downsample_ratio**2)
+        return tokens_per_tile(self.vision.image_size, self.vision.patch_size, self.downsample_ratio)
 
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
@@ -176,7 +176,6 @@ class VisionLanguageModel(nn.Module):
         where: Sequence[str] | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
         return_logits: bool = False,
-        tile_sample_index: torch.Tensor | None = None,  # from the collator; num_tiles carries the same facts
     ) -> VLMOutput:
         embeds = self.embed_inputs(input_ids, pixel_values, num_tiles, where)
         # Right-padded batches: positions are 0..n-1, which the LLM derives itself (and then keeps its

@@ -187,13 +187,6 @@ def _normalised(features: np.ndarray, path: Path) -> np.ndarray:
     return features
 
 
-def compatibility_summary(settings: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The settings that decide what a feature vector means (see COMPATIBILITY_KEYS)."""
-    if settings is None:
-        return None
-    return {key: settings.get(key) for key in COMPATIBILITY_KEYS}
-
-
 def check_compatible(
     reference: dict[str, Any] | None,
     candidate: dict[str, Any] | None,

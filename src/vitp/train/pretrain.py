@@ -24,7 +24,7 @@ import torch.distributed as dist
 from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from vitp.data.dataset import Collator, DataSettings, InstructionDataset
+from vitp.data.dataset import Collator, InstructionDataset, data_settings
 from vitp.data.meta import read_meta
 from vitp.data.tokenizer import load_tokenizer
 from vitp.errors import ConfigError
@@ -105,16 +105,7 @@ def pretrain(config: PretrainConfig) -> Path:
     model.freeze(llm=config.freeze_llm, backbone=config.freeze_backbone, mlp=config.freeze_mlp)
     if config.grad_checkpoint:
         model.set_gradient_checkpointing(True)
-    settings = DataSettings(
-        force_image_size=model.vlm_config.vision.image_size,
-        num_image_token=model.vlm_config.num_image_token,
-        min_dynamic_patch=config.min_dynamic_patch,
-        max_dynamic_patch=config.max_dynamic_patch,
-        use_thumbnail=config.use_thumbnail,
-        dynamic_image_size=config.dynamic_image_size,
-        max_seq_length=config.max_seq_length,
-        system_message=config.system_message,
-    )
+    settings = data_settings(config, model.vlm_config.vision.image_size, model.vlm_config.num_image_token)
     dataset = InstructionDataset(read_meta(config.meta_path), tokenizer, settings, train=True)
     trainer = VitpTrainer(
         model=model,
@@ -163,7 +154,9 @@ def load_model(config: PretrainConfig) -> tuple[VisionLanguageModel, Any]:
 def training_arguments(config: PretrainConfig) -> TrainingArguments:
     on_gpu = torch.cuda.is_available()
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(config.output_dir) / "runs"))
+    # transformers 5 reads the TensorBoard folder from the environment; set it for every run (not
+    # setdefault), or a second run in the same process would write into the first one's folder.
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(config.output_dir) / "runs")
     return TrainingArguments(
         output_dir=config.output_dir,
         max_steps=config.max_steps,
@@ -216,7 +209,7 @@ class VitpTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._record_drops(inputs.pop("dropped", []))
-        inputs.pop("tile_sample_index", None)
+        inputs.pop("tile_sample_index", None)  # the model uses num_tiles, which carries the same facts
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if model.training:
             self._window["answer_tokens"] += outputs.answer_tokens or 0
