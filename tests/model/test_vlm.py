@@ -169,3 +169,20 @@ def test_missing_tokenizer_tokens_grow_the_vocabulary(tiny_vlm, bpe_tokenizer, t
     loaded, tokenizer = load_vlm(tmp_path / "ckpt")
     assert len(tokenizer) == len(bpe_tokenizer)
     assert torch.equal(loaded.state_dict()["mlp1.1.weight"], tiny_vlm.state_dict()["mlp1.1.weight"])
+
+
+def test_loaded_model_is_real_tied_and_trainable(tiny_vlm, bpe_tokenizer, tmp_path):
+    """load_vlm builds on the meta device: nothing may stay there, and tied weights stay one tensor."""
+    save_vlm(tiny_vlm, tmp_path / "ckpt", bpe_tokenizer)
+    loaded, _ = load_vlm(tmp_path / "ckpt")
+    tensors = list(loaded.parameters()) + list(loaded.buffers())
+    assert not any(t.is_meta for t in tensors)
+    reference = dict(tiny_vlm.named_buffers())
+    for name, buffer in loaded.named_buffers():  # buffers no checkpoint holds (rotary frequencies) rebuilt
+        assert torch.equal(buffer, reference[name]), name
+    language_model = loaded.language_model
+    assert language_model.lm_head.weight is language_model.get_input_embeddings().weight
+    loaded.train()
+    ids = torch.tensor([[40, 41, 42, 43]])
+    loaded(ids, torch.ones_like(ids), labels=ids.clone()).loss.backward()
+    assert all(p.requires_grad and p.grad is not None for p in loaded.parameters())

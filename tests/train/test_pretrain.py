@@ -23,6 +23,7 @@ from vitp.model.checkpoint import load_vlm
 from vitp.train.export import export_vit
 from vitp.train.pretrain import PretrainConfig, pretrain
 
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 COLOURS = {"water": (30, 60, 170), "forest": (30, 120, 40), "sand": (200, 180, 120)}
 
 
@@ -162,3 +163,15 @@ def test_two_process_torchrun_runs_and_ends_cleanly(workspace, tmp_path):
     assert (output / "model.safetensors").is_file() and (output / "checkpoint-3" / "optimizer.pt").is_file()
     state = json.loads((output / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["global_step"] == 3
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a CUDA GPU")
+def test_sharding_flags_without_a_gpu_are_refused_not_ignored(workspace, tmp_path, capsys):
+    """accelerate would run --fsdp as plain DDP on CPUs: one full model per process, no sharding."""
+    base = ["pretrain", "--meta_path", str(workspace / "data" / "meta.json"), "--output_dir", str(tmp_path / "out"),
+            "--model_preset", "internvl-tiny", "--tokenizer", str(workspace / "tok")]
+    assert main(base + ["--fsdp", "full_shard auto_wrap", "--fsdp_config", str(CONFIGS / "fsdp.json")]) == 2
+    assert "--fsdp shards the model over GPUs, and no CUDA GPU is visible" in capsys.readouterr().err
+    assert main(base + ["--fsdp", "full_shard", "--fsdp_config", str(tmp_path / "missing.json")]) == 2
+    assert "missing.json: no such file" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before any model was built or anything written

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import typing
 from pathlib import Path
 
@@ -92,7 +93,8 @@ def _run_pretrain(args: argparse.Namespace) -> int:
         if not values.get(required):
             raise ConfigError(f"--{required} is required (on the command line or in --config)")
     output = pretrain(PretrainConfig(**values))
-    print(f"model written to {output} (transformers InternVL directory); loss curve {output / 'loss.png'}")
+    if int(os.environ.get("RANK", "0")) == 0:  # once, not per torchrun process
+        print(f"model written to {output} (transformers InternVL directory); loss curve {output / 'loss.png'}")
     return 0
 
 

@@ -12,6 +12,7 @@ samples the data checks dropped (each bad line reported once).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import os
 import time
@@ -100,6 +101,7 @@ class PretrainConfig:
 
 
 def pretrain(config: PretrainConfig) -> Path:
+    check_parallelism(config)
     set_seed(config.seed)
     model, tokenizer = load_model(config)
     model.freeze(llm=config.freeze_llm, backbone=config.freeze_backbone, mlp=config.freeze_mlp)
@@ -125,6 +127,26 @@ def pretrain(config: PretrainConfig) -> Path:
         dist.barrier()
         dist.destroy_process_group()
     return Path(config.output_dir)
+
+
+def check_parallelism(config: PretrainConfig) -> None:
+    """Refuse a sharding request that would otherwise be ignored: on CPUs accelerate runs every
+    process as plain DDP whatever --fsdp says, so a user would get a full model copy per process."""
+    if config.fsdp and config.deepspeed:
+        raise ConfigError("give --deepspeed or --fsdp, not both")
+    if config.deepspeed:
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError("--deepspeed needs the deepspeed package: pip install -e '.[deepspeed]'")
+        if not Path(config.deepspeed).is_file():
+            raise ConfigError(f"--deepspeed {config.deepspeed}: no such file (configs/zero1.json is ViTP's)")
+    if config.fsdp_config and not Path(config.fsdp_config).is_file():
+        raise ConfigError(f"--fsdp_config {config.fsdp_config}: no such file (see configs/fsdp.json)")
+    if (config.fsdp or config.deepspeed) and not torch.cuda.is_available():
+        flag = "--fsdp" if config.fsdp else "--deepspeed"
+        raise ConfigError(
+            f"{flag} shards the model over GPUs, and no CUDA GPU is visible: on CPUs the processes would run as "
+            f"plain data parallel, each with a full copy of the model. Leave out {flag} to train that way."
+        )
 
 
 def load_model(config: PretrainConfig) -> tuple[VisionLanguageModel, Any]:
