@@ -104,7 +104,8 @@ def test_internvl_remote_code_checkpoint(tiny_vlm, bpe_tokenizer, tmp_path):
                           "num_attention_heads": vc["num_attention_heads"], "intermediate_size": vc["intermediate_size"],
                           "qkv_bias": True, "norm_type": "layer_norm", "qk_normalization": False,
                           "initializer_factor": 0.1, "layer_norm_eps": 1e-6, "hidden_act": "gelu"},
-        "llm_config": hf_config["text_config"],
+        # as upstream saves it: flash-attention requested, bf16 (neither must break loading on a CPU)
+        "llm_config": {**hf_config["text_config"], "attn_implementation": "flash_attention_2", "torch_dtype": "bfloat16"},
     }))
     bpe_tokenizer.save_pretrained(directory)
     ours, _ = load_vlm(directory)

@@ -36,7 +36,11 @@ def _text_config(values: dict[str, Any], where: str) -> dict[str, Any]:
             f"{where}: the LLM's model_type {model_type!r} is not implemented by transformers ({err}); vitp trains "
             f"LLMs that transformers ships (Qwen2/2.5, Llama, ...)"
         ) from None
-    return {k: v for k, v in values.items() if not k.startswith("_") and k not in ("auto_map",)}
+    # Upstream configs name the attention kernel and dtype of the machine they were saved on
+    # ("flash_attention_2", bfloat16): vitp picks the kernel (PyTorch SDPA, which needs no extra package)
+    # and the dtype (--bf16) itself, so that a checkpoint loads on any machine.
+    dropped = ("auto_map", "attn_implementation", "torch_dtype", "dtype")
+    return {k: v for k, v in values.items() if not k.startswith("_") and k not in dropped}
 
 
 def read_vlm_config(directory: Path, image_token_id: int) -> tuple[VLMConfig, str, str]:
