@@ -1,9 +1,10 @@
 """The training dataset and collator: tiles, image-token counts, drops, padding."""
 
+import pytest
 import torch
 
 from vitp.data.dataset import Collator, DataSettings, InstructionDataset
-from vitp.data.meta import read_meta
+from vitp.data.meta import MetaError, read_meta
 from vitp.data.template import IGNORE_INDEX
 
 from conftest import conversation, save_image, write_dataset
@@ -62,7 +63,29 @@ def test_bad_lines_are_skipped_and_reported_not_raised(tmp_path, bpe_tokenizer):
     data = dataset_of(tmp_path, lines, bpe_tokenizer)
     item = data[0]
     assert item["where"].endswith("ds.jsonl:3")
-    assert [(where.rsplit(":", 1)[1], kind) for where, kind, _ in item["dropped"]] == [("1", "invalid JSON"), ("2", "missing image")]
+    assert item["dropped"][0][1] == "invalid JSON" and item["dropped"][0][0].endswith("ds.jsonl:1")
+    kinds = {"1": "invalid JSON", "2": "missing image"}
+    assert all(kinds[where.rsplit(":", 1)[1]] == kind for where, kind, _ in item["dropped"])
+
+
+def test_a_run_of_bad_lines_is_replaced_fairly_and_repeatably(tmp_path, bpe_tokenizer):
+    """70 bad lines in a row (a missing image folder) must not stop training, and their stand-ins are
+    drawn at random: the good line after the run is not trained on 70 times more often."""
+    bad = [{"image": f"gone/{i}.png", "conversations": conversation()} for i in range(70)]
+    good = [{"conversations": conversation(f"question {i}", "answer")} for i in range(30)]
+    data = dataset_of(tmp_path, good[:10] + bad + good[10:], bpe_tokenizer)
+    lines = [data[i]["where"].rsplit(":", 1)[1] for i in range(len(data))]
+    assert all(int(line) <= 10 or int(line) > 80 for line in lines)  # only good lines come out
+    assert max(lines.count(line) for line in set(lines)) <= 12  # mean 100/30; the next line would be 71
+    again = dataset_of(tmp_path / "again", good[:10] + bad + good[10:], bpe_tokenizer)
+    assert [again[i]["where"].rsplit(":", 1)[1] for i in range(len(again))] == lines  # resume builds the same
+
+
+def test_data_that_is_almost_all_bad_stops_with_the_reasons(tmp_path, bpe_tokenizer):
+    lines = ["{broken json"] * 200 + [{"conversations": conversation()}]
+    data = dataset_of(tmp_path, lines, bpe_tokenizer)
+    with pytest.raises(MetaError, match=r"most of the data is bad, e\.g\. .*ds\.jsonl:\d+: invalid JSON.*vitp data check"):
+        data[0]
 
 
 def test_sample_whose_image_would_be_cut_is_dropped(tmp_path, bpe_tokenizer):

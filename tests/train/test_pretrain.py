@@ -175,3 +175,85 @@ def test_sharding_flags_without_a_gpu_are_refused_not_ignored(workspace, tmp_pat
     assert main(base + ["--fsdp", "full_shard", "--fsdp_config", str(tmp_path / "missing.json")]) == 2
     assert "missing.json: no such file" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # refused before any model was built or anything written
+
+
+def test_config_file_values_are_typed_like_the_flags(tmp_path):
+    from vitp.cli.train import load_config_file
+    from vitp.errors import ConfigError
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text('freeze_backbone: "false"\nlearning_rate: 2e-5\nmax_steps: "10"\nfsdp_config: null\n')
+    values = load_config_file(str(recipe))  # PyYAML reads 2e-5 as a string; "false" is not truthy here
+    assert values == {"freeze_backbone": False, "learning_rate": 2e-5, "max_steps": 10, "fsdp_config": None}
+    recipe.write_text("per_device_train_batch_size: 2.5\n")
+    with pytest.raises(ConfigError, match=r"recipe\.yaml: per_device_train_batch_size: expected int, got 2\.5"):
+        load_config_file(str(recipe))
+    recipe.write_text("max_steps: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"recipe\.yaml: not valid YAML"):
+        load_config_file(str(recipe))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max_steps", "0"], "--max_steps must be at least 1"),
+    (["--max_steps", "-1"], "--max_steps must be at least 1"),  # the Trainer would run 3 epochs
+    (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be at least 1"),
+    (["--TMAug_prob", "1.5"], "must be in [0, 1]"),
+    (["--tmaug_mode", "bogus"], "tmaug_mode must be one of"),
+    (["--lr_scheduler_type", "bogus"], "--lr_scheduler_type 'bogus' is not one of"),
+    (["--min_dynamic_patch", "3", "--max_dynamic_patch", "2"], "--max_dynamic_patch 2 is below --min_dynamic_patch 3"),
+    (["--freeze_llm", "--freeze_backbone", "--freeze_mlp"], "leave nothing to train"),
+    (["--vision_select_layer", "99"], "--vision_select_layer: select_layer=99 is out of range"),
+])
+def test_bad_settings_are_refused_with_the_flag_named(workspace, tmp_path, capsys, flags, message):
+    base = ["pretrain", "--meta_path", str(workspace / "data" / "meta.json"), "--output_dir", str(tmp_path / "out"),
+            "--model_preset", "internvl-tiny", "--tokenizer", str(workspace / "tok"), "--force_image_size", "56"]
+    assert main(base + flags) == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.glob("out/checkpoint-*"))
+
+
+def test_output_dir_that_is_a_file_is_refused(workspace, tmp_path):
+    from vitp.errors import ConfigError
+
+    (tmp_path / "out").write_text("not a directory")
+    with pytest.raises(ConfigError, match="is a file, not a directory"):
+        pretrain(config(workspace, tmp_path / "out"))
+
+
+def test_resume_skips_a_half_written_checkpoint_and_a_finished_run_stays_finished(workspace, tmp_path, caplog):
+    output = tmp_path / "run"
+    pretrain(config(workspace, output, max_steps=4, save_steps=2, logging_steps=1))
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    # a second run of the finished command: nothing trained, no checkpoint past max_steps
+    with caplog.at_level("WARNING", logger="vitp"):
+        pretrain(config(workspace, output, max_steps=4, save_steps=2))
+    assert "already reached --max_steps 4" in caplog.text
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    # a kill while checkpoint-4 was written (truncated weights) and before the final save
+    weights = output / "checkpoint-4" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    (output / "model.safetensors").unlink()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vitp"):
+        pretrain(config(workspace, output, max_steps=4, save_steps=2))
+    assert "not resuming from" in caplog.text and "checkpoint-4: model.safetensors is truncated" in caplog.text
+    assert json.loads((output / "checkpoint-4" / "trainer_state.json").read_text())["global_step"] == 4
+    assert (output / "model.safetensors").is_file()
+    # --overwrite_output_dir starts afresh: the old run's checkpoints must not be resumed later
+    pretrain(config(workspace, output, max_steps=1, save_steps=1, overwrite_output_dir=True))
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-1"]
+
+
+def test_export_from_a_run_stopped_before_its_final_save(workspace, tmp_path):
+    from vitp.errors import ConfigError
+
+    output = pretrain(config(workspace, tmp_path / "run", max_steps=2, save_steps=1))
+    for name in ("model.safetensors", "config.json"):
+        (output / name).unlink()
+    export_vit(output, tmp_path / "vit")
+    expected = load_vlm(output / "checkpoint-2")[0].vision_model.state_dict()
+    exported = load_vit(tmp_path / "vit" / "vit.safetensors").state_dict()
+    assert all(torch.equal(exported[k], expected[k]) for k in expected)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="the output is a file"):
+        export_vit(output, tmp_path / "afile")

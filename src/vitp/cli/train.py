@@ -65,21 +65,54 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def load_config_file(path: str) -> dict:
+    """Settings from a YAML or JSON file, each converted like the flag of the same name (so that
+    ``freeze_backbone: "false"`` is False and YAML's string ``2e-5`` is a float)."""
     from vitp.errors import ConfigError
     from vitp.train.pretrain import PretrainConfig
 
-    text = Path(path).read_text(encoding="utf-8")
-    if path.endswith((".yaml", ".yml")):
-        import yaml
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"--config {path}: cannot read it ({err})") from None
+    try:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
 
-        values = yaml.safe_load(text) or {}
-    else:
-        values = json.loads(text)
-    known = {f.name for f in dataclasses.fields(PretrainConfig)}
-    unknown = sorted(set(values) - known)
+            values = yaml.safe_load(text)
+        else:
+            values = json.loads(text)
+    except Exception as err:  # noqa: BLE001 - yaml.YAMLError or json.JSONDecodeError, with the position
+        raise ConfigError(f"--config {path}: not valid {'YAML' if path.endswith(('.yaml', '.yml')) else 'JSON'} ({err})") from None
+    values = values if values is not None else {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of setting names to values, found {type(values).__name__}")
+    hints = typing.get_type_hints(PretrainConfig)
+    unknown = sorted(set(values) - set(hints))
     if unknown:
         raise ConfigError(f"{path}: unknown settings {unknown}")
-    return values
+    return {name: _setting(value, hints[name], f"{path}: {name}") for name, value in values.items()}
+
+
+def _setting(value: object, kind: object, where: str) -> object:
+    """One config-file value as the type its flag has; a clear error when it cannot be one."""
+    from vitp.errors import ConfigError
+
+    optional = type(None) in typing.get_args(kind)
+    base = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where}: a value is required ({base.__name__})")
+    try:
+        if base is bool:
+            return value if isinstance(value, bool) else _bool(str(value))
+        if base in (int, float) and isinstance(value, bool):
+            raise ValueError("a boolean is not a number")
+        if base is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError("not a whole number")
+        return base(value)
+    except (ValueError, TypeError, argparse.ArgumentTypeError) as err:
+        raise ConfigError(f"{where}: expected {base.__name__}, got {value!r} ({err})") from None
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:

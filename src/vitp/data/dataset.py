@@ -1,8 +1,8 @@
 """Training samples: meta + JSONL + images -> token ids, labels and image tiles; and the collator.
 
 Every sample goes through the same checks as ``vitp data check``. A bad line or image never stops
-training: the dataset skips to the next line and hands the reason along with the sample it returns,
-so the trainer can count drops and report each bad line once.
+training: the dataset draws another line at random and hands the reason along with the sample it
+returns, so the trainer can count drops and report each bad line once.
 """
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from vitp.data.images import DEFAULT_MAX_PIXELS, ImageError, build_transform, dynamic_preprocess, jpeg_reencode, load_image
-from vitp.data.meta import DatasetSpec, JsonlIndex, Sample, SampleError, epoch_indices, image_path, with_image_placeholder
+from vitp.data.meta import DatasetSpec, JsonlIndex, MetaError, Sample, SampleError, epoch_indices, image_path, with_image_placeholder
 from vitp.data.template import IGNORE_INDEX, ConversationTokenizer, TemplateError, truncate, truncation_problem
 
-# After this many bad lines in a row the data is broken, not noisy: stop with the reasons.
-MAX_CONSECUTIVE_DROPS = 64
+# A bad line is replaced by a randomly drawn one. When this many draws in a row are all bad, most of
+# the data is (with 10 % bad lines the chance of that is 1e-64): stop with the reasons.
+MAX_REPLACEMENT_DRAWS = 64
 
 
 @dataclass(frozen=True)
@@ -86,18 +87,29 @@ class InstructionDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         dropped: list[tuple[str, str, str]] = []
-        for attempt in range(MAX_CONSECUTIVE_DROPS):
-            position = (index + attempt) % len(self.entries)
+        position = index
+        for draw in range(MAX_REPLACEMENT_DRAWS + 1):
             try:
                 item = self.build(position)
             except (SampleError, TemplateError) as err:
                 where = getattr(err, "where", self.where(position))
                 dropped.append((where, getattr(err, "kind", "template"), getattr(err, "reason", str(err))))
+                position = self.replacement(index, draw)
                 continue
             item["dropped"] = dropped
             return item
         reasons = "; ".join(f"{where}: {reason}" for where, _, reason in dropped[:3])
-        raise RuntimeError(f"{MAX_CONSECUTIVE_DROPS} consecutive samples are unusable, e.g. {reasons}")
+        raise MetaError(
+            f"{MAX_REPLACEMENT_DRAWS + 1} samples in a row were unusable (the line asked for and "
+            f"{MAX_REPLACEMENT_DRAWS} drawn at random): most of the data is bad, e.g. {reasons}. "
+            f"`vitp data check META.json` lists every problem."
+        )
+
+    def replacement(self, index: int, draw: int) -> int:
+        """A uniformly drawn stand-in for a bad line. Not the next line: after a run of bad lines that
+        one would be trained on as often as the whole run. Seeded by (index, draw), so that a resumed
+        run builds the same batches."""
+        return int(np.random.default_rng((index, draw)).integers(len(self.entries)))
 
     def where(self, position: int) -> str:
         dataset, line = self.entries[position]

@@ -68,7 +68,10 @@ class ConversationTokenizer:
             raise TemplateError(f"the tokenizer encodes '\\n' as {len(self.newline_ids)} tokens; expected 1")
 
     def _encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        try:
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        except (TypeError, ValueError, UnicodeError) as err:  # e.g. a lone surrogate the tokenizer refuses
+            raise TemplateError(f"the tokenizer cannot encode this text ({type(err).__name__}: {err})") from None
 
     def __call__(
         self, turns: tuple[Turn, ...], system: str | None, image_token_counts: list[int]

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from transformers import Trainer, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import SchedulerType
 
 from vitp.data.dataset import Collator, InstructionDataset, data_settings
 from vitp.data.meta import read_meta
@@ -35,6 +37,7 @@ from vitp.model.vlm import VisionLanguageModel
 from vitp.train.plots import plot_loss_curve
 
 logger = logging.getLogger("vitp")
+TRAINER_STATE = "trainer_state.json"
 
 
 @dataclass
@@ -89,26 +92,65 @@ class PretrainConfig:
     overwrite_output_dir: bool = False
 
     def __post_init__(self) -> None:
+        """Refuse values the Trainer would misread (max_steps -1 means 3 epochs to it) or fail on late."""
+        at_least_one = ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "save_steps",
+                        "logging_steps", "min_dynamic_patch", "max_seq_length")
+        for name in at_least_one:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_dynamic_patch < self.min_dynamic_patch:
+            raise ConfigError(f"--max_dynamic_patch {self.max_dynamic_patch} is below --min_dynamic_patch {self.min_dynamic_patch}")
+        if self.force_image_size is not None and self.force_image_size < 1:
+            raise ConfigError(f"--force_image_size must be a positive number of pixels, got {self.force_image_size}")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ConfigError(f"--save_total_limit must be at least 1 (or left out), got {self.save_total_limit}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.learning_rate < 0 or self.weight_decay < 0:
+            raise ConfigError(f"--learning_rate and --weight_decay must not be negative, got {self.learning_rate}, {self.weight_decay}")
+        schedulers = [kind.value for kind in SchedulerType]
+        if self.lr_scheduler_type not in schedulers:
+            raise ConfigError(f"--lr_scheduler_type {self.lr_scheduler_type!r} is not one of {', '.join(schedulers)}")
+        if self.freeze_llm and self.freeze_backbone and self.freeze_mlp:
+            raise ConfigError("--freeze_llm, --freeze_backbone and --freeze_mlp together leave nothing to train")
+        self.tmaug()  # validates the TMAug settings now, not after the model is built
 
     def tmaug(self) -> TMAugConfig:
-        if self.TMAug_prob is not None:
-            if self.tmaug_prob or self.tmaug_ratio:
-                raise ConfigError("give either --TMAug_prob (upstream) or --tmaug_prob/--tmaug_ratio, not both")
-            return TMAugConfig.from_upstream(self.TMAug_prob)
-        return TMAugConfig(prob=self.tmaug_prob, ratio=self.tmaug_ratio, mode=self.tmaug_mode)
+        try:
+            if self.TMAug_prob is not None:
+                if self.tmaug_prob or self.tmaug_ratio:
+                    raise ConfigError("give either --TMAug_prob (upstream) or --tmaug_prob/--tmaug_ratio, not both")
+                return TMAugConfig.from_upstream(self.TMAug_prob)
+            return TMAugConfig(prob=self.tmaug_prob, ratio=self.tmaug_ratio, mode=self.tmaug_mode)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
 def pretrain(config: PretrainConfig) -> Path:
     check_parallelism(config)
+    output = prepare_output_dir(config)
+    resume = resume_checkpoint(config)
+    done = resume is not None and finished(resume, config.max_steps)
+    if done:  # a re-run of a finished run: training on would step past --max_steps and rotate checkpoints out
+        logger.warning("%s already reached --max_steps %d: nothing to train (raise --max_steps to go on)",
+                       resume, config.max_steps)
+        if (output / "model.safetensors").is_file():
+            return output
     set_seed(config.seed)
     model, tokenizer = load_model(config)
+    if done:  # the run was stopped after its last checkpoint, before the final save: write it from there
+        load_vlm_weights(model, Path(resume))
+        if int(os.environ.get("RANK", "0")) == 0:
+            save_vlm(model, output, tokenizer)
+        return output
     model.freeze(llm=config.freeze_llm, backbone=config.freeze_backbone, mlp=config.freeze_mlp)
     if config.grad_checkpoint:
         model.set_gradient_checkpointing(True)
     settings = data_settings(config, model.vlm_config.vision.image_size, model.vlm_config.num_image_token)
     dataset = InstructionDataset(read_meta(config.meta_path), tokenizer, settings, train=True)
+    if len(dataset) == 0:
+        raise ConfigError(f"{config.meta_path}: no samples per epoch (empty annotation files or repeat_time too small); "
+                          f"`vitp data check {config.meta_path}` shows each dataset's count")
     trainer = VitpTrainer(
         model=model,
         args=training_arguments(config),
@@ -116,7 +158,6 @@ def pretrain(config: PretrainConfig) -> Path:
         data_collator=Collator(tokenizer.pad_token_id),
         processing_class=tokenizer,
     )
-    resume = resume_checkpoint(config)
     if resume:
         logger.info("resuming from %s", resume)
     trainer.train(resume_from_checkpoint=resume)
@@ -168,7 +209,10 @@ def load_model(config: PretrainConfig) -> tuple[VisionLanguageModel, Any]:
     else:
         raise ConfigError("give --model_name_or_path (a checkpoint) or --model_preset (from scratch)")
     if config.vision_select_layer is not None:
-        model.vision_model.resolve_layer(config.vision_select_layer)  # validates the index
+        try:
+            model.vision_model.resolve_layer(config.vision_select_layer)  # validates the index
+        except ValueError as err:
+            raise ConfigError(f"--vision_select_layer: {err}") from None
         model.vlm_config = dataclasses.replace(model.vlm_config, select_layer=config.vision_select_layer)
     return model, tokenizer
 
@@ -209,14 +253,82 @@ def training_arguments(config: PretrainConfig) -> TrainingArguments:
     )
 
 
+def prepare_output_dir(config: PretrainConfig) -> Path:
+    """The output directory, created; with --overwrite_output_dir an earlier run's checkpoints are
+    removed first, or a later run without the flag would resume from them."""
+    output = Path(config.output_dir)
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"--output_dir {output} is a file, not a directory")
+    if config.overwrite_output_dir and int(os.environ.get("RANK", "0")) == 0:
+        for old in checkpoints(output):
+            shutil.rmtree(old)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    output.mkdir(parents=True, exist_ok=True)
+    return output
+
+
+def checkpoints(output: Path) -> list[Path]:
+    """checkpoint-N directories of a run, newest first."""
+    found = [path for path in output.glob("checkpoint-*") if path.is_dir() and path.name.split("-", 1)[1].isdigit()]
+    return sorted(found, key=lambda path: int(path.name.split("-", 1)[1]), reverse=True)
+
+
 def resume_checkpoint(config: PretrainConfig) -> str | None:
-    """An explicit --resume_from_checkpoint, else the last checkpoint-N in output_dir (as upstream)."""
+    """An explicit --resume_from_checkpoint, else the newest complete checkpoint-N in output_dir (as
+    upstream, which takes the newest; one a kill left half-written is skipped with a warning)."""
     if config.resume_from_checkpoint:
+        problem = checkpoint_problem(Path(config.resume_from_checkpoint))
+        if problem:
+            raise ConfigError(f"--resume_from_checkpoint {config.resume_from_checkpoint}: {problem}")
         return config.resume_from_checkpoint
     output = Path(config.output_dir)
     if config.overwrite_output_dir or not output.is_dir():
         return None
-    return get_last_checkpoint(str(output))
+    for candidate in checkpoints(output):
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            return str(candidate)
+        logger.warning("not resuming from %s: %s", candidate, problem)
+    return None
+
+
+def checkpoint_problem(directory: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (a save interrupted by a kill), or None."""
+    if not directory.is_dir():
+        return "not a directory"
+    try:
+        json.loads((directory / TRAINER_STATE).read_text(encoding="utf-8"))["global_step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{TRAINER_STATE} is missing or unreadable (the save was interrupted)"
+    weights = directory / "model.safetensors"
+    if weights.is_file():
+        problem = safetensors_problem(weights)
+        if problem:
+            return problem
+    optimizer = directory / "optimizer.pt"
+    if optimizer.exists() and optimizer.stat().st_size == 0:
+        return "optimizer.pt is empty (the save was interrupted)"
+    return None
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """A truncated safetensors file: its header names more bytes than the file has."""
+    try:
+        with open(path, "rb") as handle:
+            header_size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(header_size))
+        end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return f"{path.name} has no readable header"
+    if path.stat().st_size < 8 + header_size + end:
+        return f"{path.name} is truncated ({path.stat().st_size} bytes, its header needs {8 + header_size + end})"
+    return None
+
+
+def finished(checkpoint: str, max_steps: int) -> bool:
+    state = json.loads((Path(checkpoint) / TRAINER_STATE).read_text(encoding="utf-8"))
+    return int(state["global_step"]) >= max_steps
 
 
 class VitpTrainer(Trainer):
