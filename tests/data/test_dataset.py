@@ -153,3 +153,15 @@ def test_works_with_a_dataloader_and_workers(tmp_path, bpe_tokenizer):
     batches = list(loader)
     assert sum(len(b["input_ids"]) for b in batches) == 4
     assert sum(int(b["num_tiles"].sum()) for b in batches) == sum(int(data[i]["num_tiles"]) for i in range(4))
+
+
+def test_shared_budget_below_min_dynamic_patch_gives_one_tile_per_image_as_upstream(tmp_path, bpe_tokenizer):
+    """min 2, max 6, four images: each image's budget is max(1, 6 // 4) = 1 < 2; upstream finds no grid
+    and keeps the image as one tile, where a strict check would stop training."""
+    for name in "abcd":
+        save_image(tmp_path / "images" / f"{name}.png", 300, 100)
+    settings = DataSettings(force_image_size=28, num_image_token=4, min_dynamic_patch=2, max_dynamic_patch=6,
+                            max_seq_length=2048, system_message="s")
+    line = {"image": [f"{n}.png" for n in "abcd"], "conversations": conversation("<image>" * 4 + "\nSame?", "Yes.")}
+    item = dataset_of(tmp_path, [line], bpe_tokenizer, settings=settings)[0]
+    assert item["dropped"] == [] and item["num_tiles"] == 4

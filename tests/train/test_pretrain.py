@@ -257,3 +257,14 @@ def test_export_from_a_run_stopped_before_its_final_save(workspace, tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ConfigError, match="the output is a file"):
         export_vit(output, tmp_path / "afile")
+
+
+def test_a_meta_with_no_samples_is_refused_before_training(workspace, tmp_path):
+    from vitp.errors import VitpError
+
+    (tmp_path / "empty.jsonl").write_text("")
+    meta = {"empty": {"root": str(workspace / "images"), "annotation": str(tmp_path / "empty.jsonl"), "repeat_time": 1}}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(VitpError, match="no samples per epoch.*'empty'"):
+        pretrain(config(workspace, tmp_path / "run", meta_path=str(tmp_path / "meta.json")))
+    assert not list((tmp_path / "run").glob("checkpoint-*"))

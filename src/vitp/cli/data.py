@@ -20,11 +20,17 @@ def add_data_settings(parser: argparse.ArgumentParser) -> None:
 
 
 def data_settings(args: argparse.Namespace):
+    """DataSettings from the flags, refused up front (DataSettingsError) if no sample could be built."""
     from vitp.data import dataset
+    from vitp.data.check import validate_data_settings, validate_image_geometry
     from vitp.model.projector import tokens_per_tile
 
+    # before tokens_per_tile, which would divide by a zero patch size
+    validate_image_geometry(args.force_image_size, args.patch_size, args.down_sample_ratio)
     tokens = tokens_per_tile(args.force_image_size, args.patch_size, args.down_sample_ratio)
-    return dataset.data_settings(args, args.force_image_size, tokens)
+    settings = dataset.data_settings(args, args.force_image_size, tokens)
+    validate_data_settings(settings, args.patch_size)
+    return settings
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -64,7 +70,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--meta_path", required=True)
     train.add_argument("--output_dir", required=True)
-    train.add_argument("--vocab_size", type=int, default=400)
+    train.add_argument("--vocab_size", type=int, default=400,
+                       help="target vocabulary, at least 256 bytes + the special tokens (default: %(default)s)")
     train.set_defaults(handler=_run_tokenizer_train)
 
 
@@ -72,18 +79,20 @@ def _run_check(args: argparse.Namespace) -> int:
     from vitp.data.check import check_data
     from vitp.data.tokenizer import load_tokenizer
 
+    settings = data_settings(args)
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
-    report = check_data(args.meta_path, data_settings(args), tokenizer, report_problem=print)
+    report = check_data(args.meta_path, settings, tokenizer, report_problem=print)
     print()
     print(report.table())
     if tokenizer is None:
         print("(no --tokenizer: token counts and truncation not checked)")
     if report.warnings:
-        print(f"{len(report.warnings)} warning(s): samples that lose text to truncation (still used)")
+        print(f"{len(report.warnings)} warning(s) (the 'warning:' lines above): the data is still used")
     if report.ok:
         print("no problems found")
         return 0
-    print(f"{len(report.problems)} problem(s) found: these samples would be skipped in training", file=sys.stderr)
+    print(f"{len(report.problems)} problem(s) found: bad lines would be skipped in training, "
+          "dataset and meta-key problems must be fixed", file=sys.stderr)
     return 1
 
 
@@ -97,6 +106,8 @@ def _run_build(args: argparse.Namespace) -> int:
     )
     for line in result.skipped:
         print(f"skipped {line}")
+    for note in result.notes:
+        print(note)
     print(f"classes: {', '.join(f'{label} ({n})' for label, n in result.classes.items())}")
     print(f"conversations: {result.train} train, {result.holdout} held out; {len(result.skipped)} image(s) skipped")
     if result.unmatched_metadata:
@@ -107,9 +118,11 @@ def _run_build(args: argparse.Namespace) -> int:
 
 
 def _run_tokenizer_train(args: argparse.Namespace) -> int:
-    from vitp.data.tokenizer import conversation_texts, save_tokenizer, train_tokenizer
+    from vitp.data.tokenizer import save_tokenizer, skipped_summary, train_tokenizer_on_meta
 
-    tokenizer = train_tokenizer(conversation_texts(args.meta_path), vocab_size=args.vocab_size)
+    tokenizer, skipped = train_tokenizer_on_meta(args.meta_path, vocab_size=args.vocab_size)
+    if skipped:
+        print(f"skipped {skipped_summary(skipped)}; `vitp data check {args.meta_path}` lists them")
     save_tokenizer(tokenizer, args.output_dir)
     print(f"tokenizer with {len(tokenizer)} tokens written to {args.output_dir}")
     return 0

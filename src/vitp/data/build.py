@@ -11,16 +11,22 @@ phrasings chosen by a seeded random generator:
 
 Writes ``<name>.jsonl`` and ``meta.json`` (and, with a held-out split, ``<name>_holdout.jsonl`` and
 ``meta_holdout.json``), in the upstream formats that ``vitp pretrain`` and ``vitp data check`` read.
+Split files of an earlier build in the same folder that this build does not rewrite are removed, so
+that an old held-out split is never read beside a training split that now contains its images.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
+import math
 import os
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from decimal import Decimal
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from tqdm import tqdm
@@ -62,6 +68,7 @@ ATTRIBUTE_QUESTIONS = (
     "How much is the {attribute} here?",
 )
 ATTRIBUTE_ANSWERS = ("{value}.", "The {attribute} is {value}.", "About {value}.")
+SPLITS = ("", "_holdout")  # file name suffixes: <name><split>.jsonl and meta<split>.json
 
 
 class BuildError(VitpError):
@@ -76,6 +83,12 @@ class BuildResult:
     holdout: int
     skipped: list[str] = field(default_factory=list)  # "path: reason"
     unmatched_metadata: int = 0
+    holdout_per_class: dict[str, int] = field(default_factory=dict)
+    dropped_classes: list[str] = field(default_factory=list)  # folders none of whose images could be read
+    without_metadata: int = 0  # images that no metadata row names (only counted with --metadata)
+    missing_metadata_values: int = 0  # blank, NaN or null values: no question is asked about them
+    removed: list[Path] = field(default_factory=list)  # split files of an earlier build, no longer written
+    notes: list[str] = field(default_factory=list)  # lines for the summary, beyond the counts above
 
 
 def class_phrase(folder: str) -> str:
@@ -87,38 +100,123 @@ def _article(phrase: str) -> str:
     return ("an " if phrase[:1].lower() in "aeiou" else "a ") + phrase
 
 
+# Attributes whose name contains one of these words are fractions in [0, 1], worded as percentages.
+SHARE_WORDS = ("fraction", "ratio", "share", "cover")
+
+
+def is_share(attribute: str) -> bool:
+    return any(word in attribute.lower() for word in SHARE_WORDS)
+
+
 def format_value(attribute: str, value: Any) -> str:
     """Human wording of a metadata value: fractions as percentages, counts as integers."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return str(value)
-    is_share = any(word in attribute.lower() for word in ("fraction", "ratio", "share", "cover"))
-    if is_share and 0.0 <= value <= 1.0:
+    if is_share(attribute) and 0.0 <= value <= 1.0:
         return f"{round(100 * value)}%"
     if float(value).is_integer():
         return str(int(value))
     return f"{value:.3g}"
 
 
-def read_metadata(path: Path) -> dict[str, dict[str, Any]]:
-    """Per-image attributes keyed by the image's path relative to the image folder (POSIX form).
+@dataclass
+class Metadata:
+    attributes: dict[str, dict[str, Any]]  # image path relative to the image folder (POSIX) -> attributes
+    missing_values: int = 0  # blank, NaN or null values left out
 
-    CSV: a header with an ``image`` column and one column per attribute. JSON: a list of objects with
-    ``image``, or an object mapping image path -> attributes."""
-    if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            if not reader.fieldnames or "image" not in reader.fieldnames:
-                raise BuildError(f"{path}: the CSV header needs an 'image' column (found {reader.fieldnames})")
-            return {row["image"]: {k: _number(v) for k, v in row.items() if k != "image" and v != ""} for row in reader}
+
+@dataclass
+class _Entry:
+    """One metadata row (CSV) or object (JSON), before its values are checked."""
+
+    where: str  # "file:line" (CSV) or "file:line: image 'x'" (JSON), to start each problem with
+    image: str
+    values: dict[str, Any]
+    field_word: str  # "column" or "key"
+
+
+_MISSING = object()  # a blank or "nan" CSV cell
+MAX_PROBLEMS_SHOWN = 10
+
+
+def read_metadata(path: Path) -> Metadata:
+    """Per-image attributes from a CSV (an ``image`` column and one column per attribute) or a JSON file (a
+    list of objects with ``image``, or an object mapping image path -> attributes).
+
+    Malformed input is an error naming the file, line and column, never a value quietly dropped or
+    written into the training text: a metadata file is small and quick to fix, and a wrong number
+    taught to a model is not quick to find. All problems are listed at once. Only missing values
+    (blank, NaN, null) are skipped, and counted: real measurements have gaps, and a gap simply
+    means no question about that attribute."""
+    if path.suffix.lower() not in (".csv", ".json"):
+        raise BuildError(f"{path}: metadata must be a .csv or a .json file")
+    text = _read_text(path)
+    problems: list[str] = []
+    read_entries = _csv_entries if path.suffix.lower() == ".csv" else _json_entries
+    entries = read_entries(path, text, problems)
+    metadata = _checked_metadata(entries, problems)
+    if problems:
+        shown = "\n  ".join(problems[:MAX_PROBLEMS_SHOWN])
+        more = f"\n  ... and {len(problems) - MAX_PROBLEMS_SHOWN} more" if len(problems) > MAX_PROBLEMS_SHOWN else ""
+        raise BuildError(f"{path}: {len(problems)} problem(s) in the metadata, nothing written:\n  {shown}{more}")
+    return metadata
+
+
+def _read_text(path: Path) -> str:
+    """UTF-8 text, with or without the byte-order mark that Excel's "CSV UTF-8" starts with."""
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise BuildError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from None
-    if isinstance(value, dict):
-        return {str(k): dict(v) for k, v in value.items()}
-    if isinstance(value, list) and all(isinstance(v, dict) and "image" in v for v in value):
-        return {v["image"]: {k: x for k, x in v.items() if k != "image"} for v in value}
-    raise BuildError(f"{path}: expected a list of objects with 'image', or an object {{image: attributes}}")
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise BuildError(f"{path}: metadata file not found") from None
+    except OSError as err:
+        raise BuildError(f"{path}: cannot read the metadata file ({err.strerror or err})") from None
+    raw = raw.removeprefix(b"\xef\xbb\xbf")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise BuildError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x}); save the file as UTF-8 (Excel: 'CSV UTF-8')"
+        ) from None
+
+
+def _csv_entries(path: Path, text: str, problems: list[str]) -> list[_Entry]:
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = [name.strip() for name in next(reader, [])]
+        _check_header(path, header)
+        entries = []
+        for row in reader:
+            if not any(cell.strip() for cell in row):  # blank lines, and the ",,," rows spreadsheets leave
+                continue
+            where = f"{path}:{reader.line_num}"
+            if len(row) != len(header):
+                problems.append(f"{where}: {len(row)} field(s) but the header has {len(header)} column(s) "
+                                "(a value containing a comma must be quoted)")
+                continue
+            cells = dict(zip(header, row))
+            image = cells.pop("image")
+            entries.append(_Entry(where, image, {name: _csv_value(cell) for name, cell in cells.items()}, "column"))
+        return entries
+    except csv.Error as err:
+        raise BuildError(f"{path}:{reader.line_num}: not readable as CSV ({err})") from None
+
+
+def _check_header(path: Path, header: list[str]) -> None:
+    if "image" not in header:
+        raise BuildError(f"{path}:1: the CSV header needs an 'image' column (found {header})")
+    for number, name in enumerate(header, start=1):
+        if not name:
+            raise BuildError(f"{path}:1: column {number} of the header has no name")
+        if header.index(name) != number - 1:
+            raise BuildError(f"{path}:1: column '{name}' appears twice in the header")
+
+
+def _csv_value(text: str) -> Any:
+    text = text.strip()
+    if text == "" or text.lower() == "nan":
+        return _MISSING
+    return _number(text)
 
 
 def _number(text: str) -> Any:
@@ -128,6 +226,107 @@ def _number(text: str) -> Any:
         except ValueError:
             pass
     return text
+
+
+def _json_entries(path: Path, text: str, problems: list[str]) -> list[_Entry]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise BuildError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
+    if isinstance(value, dict):
+        pairs = list(value.items())
+    elif isinstance(value, list):
+        pairs = _json_list_pairs(path, value, problems)
+    else:
+        raise BuildError(f"{path}: expected a list of objects with 'image', or an object {{image: attributes}}; "
+                         f"found {_json_type(value)}")
+    entries = []
+    for image, attributes in pairs:
+        where = f"{_json_where(path, text, image)}: image '{image}'"
+        if not isinstance(attributes, dict):
+            problems.append(f"{where}: expected an object of attributes, found {_json_type(attributes)} "
+                            f"{json.dumps(attributes)[:40]}")
+            continue
+        values = {name: value for name, value in attributes.items() if name != "image"}
+        entries.append(_Entry(where, image, values, "key"))
+    return entries
+
+
+def _json_list_pairs(path: Path, items: list, problems: list[str]) -> list[tuple[str, Any]]:
+    pairs = []
+    for number, item in enumerate(items, start=1):
+        if not isinstance(item, dict) or not isinstance(item.get("image"), str):
+            problems.append(f"{path}: list item {number}: expected an object with an 'image' path, "
+                            f"found {json.dumps(item)[:60]}")
+            continue
+        pairs.append((item["image"], item))
+    return pairs
+
+
+def _json_where(path: Path, text: str, image: str) -> str:
+    """``file:line`` of the image's first mention (JSON parsers keep no positions), or ``file``."""
+    for token in (json.dumps(image, ensure_ascii=False), json.dumps(image)):
+        position = text.find(token)
+        if position >= 0:
+            return f"{path}:{text.count(chr(10), 0, position) + 1}"
+    return str(path)
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+def _checked_metadata(entries: list[_Entry], problems: list[str]) -> Metadata:
+    metadata = Metadata({})
+    first_seen: dict[str, str] = {}
+    numeric = _numeric_attributes(entries)
+    for entry in entries:
+        if not entry.image.strip():
+            problems.append(f"{entry.where}: no image path")
+            continue
+        image = PurePosixPath(entry.image.strip()).as_posix()  # "./a/1.png" -> "a/1.png"
+        if image in first_seen:
+            problems.append(f"{entry.where}: image '{image}' is listed again (first at {first_seen[image]})")
+            continue
+        first_seen[image] = entry.where
+        kept = {}
+        for name, value in entry.values.items():
+            if _is_missing(value):
+                metadata.missing_values += 1
+            elif problem := _value_problem(name, value, name in numeric):
+                problems.append(f"{entry.where}: {entry.field_word} '{name}': {problem}")
+            else:
+                kept[name] = value
+        metadata.attributes[image] = kept
+    return metadata
+
+
+def _is_missing(value: Any) -> bool:
+    return value is _MISSING or value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _numeric_attributes(entries: list[_Entry]) -> set[str]:
+    return {name for entry in entries for name, value in entry.values.items()
+            if _is_number(value) and not _is_missing(value)}
+
+
+def _value_problem(name: str, value: Any, numeric: bool) -> str | None:
+    """Why a single value cannot become training text, or None."""
+    if isinstance(value, (dict, list)):
+        return f"a nested value ({json.dumps(value)[:40]}); values must be numbers or text"
+    if isinstance(value, str) and numeric:  # a typo or a unit ('12 m'), not a value to teach
+        return f"{value!r} is not a number, but other values of this attribute are"
+    if _is_number(value) and not math.isfinite(value):
+        return f"{value} is not a finite number"
+    if _is_number(value) and is_share(name) and not 0 <= value <= 1:
+        return (f"{value} is not a fraction between 0 and 1 (attributes named with {', '.join(SHARE_WORDS)} "
+                "are worded as percentages; divide percentages by 100)")
+    return None
 
 
 def collect_classes(image_dir: Path) -> dict[str, list[Path]]:
@@ -145,9 +344,102 @@ def collect_classes(image_dir: Path) -> dict[str, list[Path]]:
             f"{image_dir}: {len(loose)} image(s) are not inside a class folder (e.g. {loose[0]}); "
             f"expected {image_dir}/<class>/<image>"
         )
-    if len(classes) < 2:
-        raise BuildError(f"{image_dir}: found {len(classes)} class folder(s); instruction data needs at least 2 classes")
+    require_two_classes(image_dir, classes)
     return dict(sorted(classes.items()))
+
+
+def require_two_classes(image_dir: Path, classes: dict[str, list[Path]], dropped: Sequence[str] = ()) -> None:
+    if len(classes) >= 2:
+        return
+    why = f" ({', '.join(dropped)} dropped: none of their images could be read)" if dropped else ""
+    raise BuildError(f"{image_dir}: found {len(classes)} class folder(s) with usable images{why}; "
+                     "instruction data needs at least 2 classes")
+
+
+def drop_unreadable_images(classes: dict[str, list[Path]], progress: bool) -> tuple[list[str], list[str]]:
+    """Keep the images that decode; a class left without any is dropped, since it would still be offered
+    as an answer in multiple-choice and yes/no questions. Returns (skipped "path: reason", dropped classes)."""
+    skipped: list[str] = []
+    for label, paths in list(classes.items()):
+        usable = []
+        for path in tqdm(paths, desc=f"checking {label}", disable=not progress):
+            try:
+                load_image(path)
+                usable.append(path)
+            except ImageError as err:
+                skipped.append(f"{path}: {err.reason}")
+        classes[label] = usable
+    dropped = [label for label, paths in classes.items() if not paths]
+    for label in dropped:
+        del classes[label]
+    return skipped, dropped
+
+
+def holdout_count(size: int, fraction: float) -> int:
+    """Images of a class to hold out: the fraction of ``size`` rounded down. As the fraction is below 1,
+    that leaves every class at least one training image. Decimal, so that 0.29 of 100 is 29, not 28."""
+    return math.floor(Decimal(str(float(fraction))) * size)
+
+
+Items = list[tuple[Path, str]]  # (image path, class folder)
+
+
+def split_holdout(
+    classes: dict[str, list[Path]], fraction: float, rng: random.Random
+) -> tuple[Items, Items, dict[str, int]]:
+    """Stratified split: (train, holdout, held-out count per class); the same fraction of every class."""
+    train, holdout, per_class = [], [], {}
+    for label, paths in classes.items():
+        order = paths[:]
+        rng.shuffle(order)
+        count = per_class[label] = holdout_count(len(order), fraction)
+        holdout += [(path, label) for path in order[:count]]
+        train += [(path, label) for path in order[count:]]
+    return train, holdout, per_class
+
+
+def holdout_note(classes: dict[str, list[Path]], per_class: dict[str, int], fraction: float) -> list[str]:
+    """The held-out counts, when rounding down (small classes) made them differ from the fraction asked for."""
+    exact = all(Decimal(str(float(fraction))) * len(classes[label]) == count for label, count in per_class.items())
+    if fraction == 0 or exact:
+        return []
+    counts = ", ".join(f"{label} {count} of {len(classes[label])}" for label, count in per_class.items())
+    return [f"held out per class: {counts} (--holdout_fraction {fraction} rounded down; "
+            "every class keeps at least one training image)"]
+
+
+def previous_split_files(output_dir: Path, name: str) -> set[Path]:
+    """Files of vitp's naming an earlier build may have left here: each split's meta JSON, this name's
+    annotations, and the annotation each of those meta JSONs names when it has vitp's shape."""
+    found = set()
+    for split in SPLITS:
+        meta_path = output_dir / f"meta{split}.json"
+        found |= {meta_path, output_dir / f"{name}{split}.jsonl"}
+        found |= _vitp_annotations(meta_path, split)
+    return {path for path in found if path.is_file()}
+
+
+def _vitp_annotations(meta_path: Path, split: str) -> set[Path]:
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(meta, dict) or len(meta) != 1:
+        return set()
+    (key, entry), = meta.items()
+    built_here = isinstance(entry, dict) and entry.get("annotation") == f"{key}.jsonl" and "/" not in key
+    if not built_here or (split and not key.endswith(split)) or (not split and key.endswith(SPLITS[1])):
+        return set()
+    return {meta_path.parent / f"{key}.jsonl"}
+
+
+def remove_stale_splits(previous: set[Path], written: list[Path]) -> list[Path]:
+    """A held-out split left from an earlier build would be read beside a training split that now holds
+    its images; so split files this build did not rewrite go."""
+    stale = sorted(previous - set(written))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 class ConversationWriter:
@@ -226,61 +518,76 @@ def build_instructions(
         raise BuildError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
     name = name or image_dir.name
     classes = collect_classes(image_dir)
-    attributes = read_metadata(Path(metadata)) if metadata else {}
+    read = read_metadata(Path(metadata)) if metadata else Metadata({})
+    skipped, dropped = drop_unreadable_images(classes, progress) if check_images else ([], [])
+    require_two_classes(image_dir, classes, dropped)
     rng = random.Random(seed)
+    train, holdout, holdout_per_class = split_holdout(classes, holdout_fraction, rng)
 
-    skipped: list[str] = []
-    if check_images:
-        for label, paths in classes.items():
-            usable = []
-            for path in tqdm(paths, desc=f"checking {label}", disable=not progress):
-                try:
-                    load_image(path)
-                    usable.append(path)
-                except ImageError as err:
-                    skipped.append(f"{path}: {err.reason}")
-            classes[label] = usable
-
-    train, holdout = [], []
-    for label, paths in classes.items():  # stratified: the same fraction of every class is held out
-        order = paths[:]
-        rng.shuffle(order)
-        count = round(len(order) * holdout_fraction) if len(order) > 1 else 0
-        holdout += [(path, label) for path in order[:count]]
-        train += [(path, label) for path in order[count:]]
-
+    previous = previous_split_files(output_dir, name)
     writer = ConversationWriter(list(classes), rng)
-    used_metadata: set[str] = set()
-    files = []
+    files, images = [], []
     for split, items in (("", train), ("_holdout", holdout)):
-        if not items:
-            continue
-        items.sort(key=lambda item: item[0])
-        yes_flags = [i % 2 == 0 for i in range(len(items))]  # yes/no balanced over the split
-        rng.shuffle(yes_flags)
-        lines = []
-        for (path, label), yes in zip(items, yes_flags):
-            relative = path.relative_to(image_dir).as_posix()
-            image_attributes = attributes.get(relative, {})
-            if image_attributes:
-                used_metadata.add(relative)
-            record = {"image": relative, "conversations": writer.conversation(label, image_attributes, yes)}
-            lines.append(json.dumps(record, ensure_ascii=False))
-        annotation = output_dir / f"{name}{split}.jsonl"
-        write_text("\n".join(lines) + "\n", annotation)
-        meta_path = output_dir / f"meta{split}.json"
-        root = os.path.relpath(image_dir, output_dir.resolve())
-        write_json(
-            {f"{name}{split}": {"root": root, "annotation": annotation.name, "data_augment": data_augment,
-                                "repeat_time": 1, "length": len(lines)}},
-            meta_path,
-        )
-        files += [annotation, meta_path]
-    return BuildResult(
+        if items:
+            files += write_split(items, split, writer, read.attributes, image_dir, output_dir, name, data_augment)
+            images += [path.relative_to(image_dir).as_posix() for path, _ in items]
+    result = BuildResult(
         files=files,
         classes={label: len(paths) for label, paths in classes.items()},
         train=len(train),
         holdout=len(holdout),
         skipped=skipped,
-        unmatched_metadata=len(set(attributes) - used_metadata),
+        unmatched_metadata=len(read.attributes.keys() - set(images)),
+        holdout_per_class=holdout_per_class,
+        dropped_classes=dropped,
+        without_metadata=len(set(images) - read.attributes.keys()) if metadata else 0,
+        missing_metadata_values=read.missing_values,
+        removed=remove_stale_splits(previous, files),
     )
+    result.notes = summary_notes(result, classes, holdout_fraction, read, images)
+    return result
+
+
+def write_split(items, split, writer, attributes, image_dir, output_dir, name, data_augment) -> list[Path]:
+    """``<name><split>.jsonl`` and ``meta<split>.json`` for (path, label) items; returns both paths."""
+    items.sort(key=lambda item: item[0])
+    yes_flags = [i % 2 == 0 for i in range(len(items))]  # yes/no balanced over the split
+    writer.rng.shuffle(yes_flags)
+    lines = []
+    for (path, label), yes in zip(items, yes_flags):
+        relative = path.relative_to(image_dir).as_posix()
+        record = {"image": relative, "conversations": writer.conversation(label, attributes.get(relative, {}), yes)}
+        lines.append(json.dumps(record, ensure_ascii=False))
+    annotation = output_dir / f"{name}{split}.jsonl"
+    write_text("\n".join(lines) + "\n", annotation)
+    meta_path = output_dir / f"meta{split}.json"
+    root = os.path.relpath(image_dir, output_dir.resolve())
+    write_json(
+        {f"{name}{split}": {"root": root, "annotation": annotation.name, "data_augment": data_augment,
+                            "repeat_time": 1, "length": len(lines)}},
+        meta_path,
+    )
+    return [annotation, meta_path]
+
+
+def summary_notes(
+    result: BuildResult, classes: dict[str, list[Path]], holdout_fraction: float, read: Metadata, images: list[str]
+) -> list[str]:
+    """What a user should know beyond the counts: anything left out or adjusted, with an example."""
+    notes = holdout_note(classes, result.holdout_per_class, holdout_fraction)
+    if result.dropped_classes:
+        notes.append(f"dropped class folder(s) without a readable image: {', '.join(result.dropped_classes)}")
+    if result.without_metadata:
+        example = min(set(images) - read.attributes.keys())
+        notes.append(f"{result.without_metadata} image(s) have no metadata row (e.g. {example}), "
+                     "so no attribute questions")
+    if result.unmatched_metadata:
+        example = min(read.attributes.keys() - set(images))
+        notes.append(f"e.g. metadata entry {example} matched no image (entries name images relative to the "
+                     f"image folder, like {min(images)})")
+    if result.missing_metadata_values:
+        notes.append(f"{result.missing_metadata_values} blank, NaN or null metadata value(s) left out")
+    if result.removed:
+        notes.append(f"removed {', '.join(p.name for p in result.removed)}, left by an earlier build and not "
+                     "rewritten by this one")
+    return notes

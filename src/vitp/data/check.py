@@ -2,7 +2,10 @@
 
 The checks are the ones the training dataset applies to each sample (parsing, roles, placeholders,
 paths, image decoding, truncation); here they run over every line and are reported as
-``file:line: what is wrong``, followed by per-dataset counts.
+``file:line: what is wrong``, followed by per-dataset counts. Dataset-level problems (unknown meta
+keys, datasets that add no sample to an epoch) are reported as ``meta: dataset 'name': ...``.
+
+:func:`validate_data_settings` refuses impossible data settings up front; the trainer calls it too.
 """
 
 from __future__ import annotations
@@ -10,13 +13,14 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from tqdm import tqdm
 
 from vitp.data.dataset import DataSettings, open_sample_image, tile_budget
 from vitp.data.images import count_tiles
 from vitp.data.meta import (
+    DataError,
     DatasetSpec,
     JsonlIndex,
     MetaError,
@@ -25,9 +29,65 @@ from vitp.data.meta import (
     epoch_indices,
     load_meta_json,
     parse_sample,
+    unknown_key_problems,
+    why_no_samples,
     with_image_placeholder,
 )
 from vitp.data.template import ConversationTokenizer, TemplateError, truncation_problem
+
+
+class DataSettingsError(DataError):
+    """Data settings (tile size, tile counts, sequence length) that cannot build a single sample."""
+
+
+def validate_image_geometry(force_image_size: int, patch_size: int | None = None,
+                            down_sample_ratio: float | None = None) -> None:
+    """The tile size must be positive and a whole number of ViT patches, and a tile must become at
+    least one image token; DataSettingsError otherwise. Checked before the token count is computed."""
+    if force_image_size < 1:
+        raise DataSettingsError(f"--force_image_size must be a positive number of pixels, got {force_image_size}")
+    if patch_size is None:
+        return
+    if patch_size < 1:
+        raise DataSettingsError(f"--patch_size must be a positive number of pixels, got {patch_size}")
+    if force_image_size % patch_size:
+        below, above = (force_image_size // patch_size) * patch_size, (force_image_size // patch_size + 1) * patch_size
+        nearest = f"{below} or {above}" if below else str(above)
+        raise DataSettingsError(
+            f"--force_image_size {force_image_size} is not a multiple of the patch size {patch_size} (try {nearest})"
+        )
+    if down_sample_ratio is not None and not 0 < down_sample_ratio <= 1:
+        raise DataSettingsError(f"--down_sample_ratio must be in (0, 1], got {down_sample_ratio}")
+
+
+def validate_data_settings(settings: DataSettings, patch_size: int | None = None,
+                           specs: Iterable[DatasetSpec] = ()) -> None:
+    """Refuse settings with which no sample can be built, with a message naming the flag;
+    ``patch_size`` (the ViT's, when known) and ``specs`` (their per-dataset max_dynamic_patch) add checks."""
+    validate_image_geometry(settings.force_image_size, patch_size)
+    if settings.num_image_token < 1:
+        raise DataSettingsError(f"a {settings.force_image_size}px tile would become {settings.num_image_token} image "
+                                "tokens; use a larger --force_image_size or --down_sample_ratio")
+    if settings.min_dynamic_patch < 1:
+        raise DataSettingsError(f"--min_dynamic_patch must be at least 1, got {settings.min_dynamic_patch}")
+    if settings.max_dynamic_patch < settings.min_dynamic_patch:
+        raise DataSettingsError(f"--max_dynamic_patch {settings.max_dynamic_patch} is below "
+                                f"--min_dynamic_patch {settings.min_dynamic_patch}")
+    if settings.max_seq_length < 1:
+        raise DataSettingsError(f"--max_seq_length must be at least 1, got {settings.max_seq_length}")
+    for spec in specs:
+        problem = dataset_patch_problem(spec, settings)
+        if problem:
+            raise DataSettingsError(problem)
+
+
+def dataset_patch_problem(spec: DatasetSpec, settings: DataSettings) -> str | None:
+    """A dataset's own max_dynamic_patch below the global --min_dynamic_patch leaves no tile grid."""
+    own = spec.max_dynamic_patch
+    if own is not None and settings.dynamic_image_size and own < settings.min_dynamic_patch:
+        return (f"dataset {spec.name!r}: its max_dynamic_patch {own} is below "
+                f"--min_dynamic_patch {settings.min_dynamic_patch}")
+    return None
 
 
 @dataclass
@@ -45,8 +105,8 @@ class DatasetCounts:
 
 @dataclass
 class CheckReport:
-    problems: list[str] = field(default_factory=list)  # samples that would be dropped: errors
-    warnings: list[str] = field(default_factory=list)  # samples that would lose text to truncation
+    problems: list[str] = field(default_factory=list)  # dropped samples, unusable datasets, unknown meta keys
+    warnings: list[str] = field(default_factory=list)  # truncated samples, a 'length' that differs from the file
     datasets: list[DatasetCounts] = field(default_factory=list)
 
     @property
@@ -87,16 +147,47 @@ def check_data(
         report.warnings.append(message)
         report_problem(f"warning: {message}")
 
+    validate_data_settings(settings)
     conversation_tokenizer = ConversationTokenizer(tokenizer) if tokenizer is not None else None
     for name, entry in load_meta_json(meta_path).items():
-        try:
-            spec = dataset_spec(meta_path, name, entry)
-        except MetaError as err:
-            problem(str(err))
-            report.datasets.append(DatasetCounts(name))
-            continue
-        report.datasets.append(_check_dataset(spec, settings, conversation_tokenizer, problem, warning, progress))
+        report.datasets.append(
+            _check_entry(meta_path, name, entry, settings, conversation_tokenizer, problem, warning, progress)
+        )
+    if sum(counts.per_epoch for counts in report.datasets) == 0:
+        problem(f"{meta_path}: no dataset contributes a usable sample per epoch: training has nothing to train on")
     return report
+
+
+def _check_entry(
+    meta_path: Path, name: str, entry, settings: DataSettings, conversation_tokenizer, problem, warning, progress
+) -> DatasetCounts:
+    """One dataset of the meta file: its keys, then every line, then its totals."""
+    for message in unknown_key_problems(meta_path, name, entry):
+        problem(message)
+    try:
+        spec = dataset_spec(meta_path, name, entry)
+    except MetaError as err:
+        problem(str(err))
+        return DatasetCounts(name)
+    patch_problem = dataset_patch_problem(spec, settings)
+    if patch_problem:
+        problem(f"{meta_path}: {patch_problem}")
+        return DatasetCounts(name)
+    counts = _check_dataset(spec, settings, conversation_tokenizer, problem, warning, progress)
+    _check_dataset_totals(f"{meta_path}: dataset {name!r}", spec, counts, problem, warning)
+    return counts
+
+
+def _check_dataset_totals(where: str, spec: DatasetSpec, counts: DatasetCounts, problem, warning) -> None:
+    """Dataset-level findings: a stale 'length' (a warning: only the real lines count, as upstream)
+    and a dataset that adds nothing to an epoch (an error: its data is silently unused)."""
+    if spec.length is not None and spec.length != counts.lines:
+        warning(f"{where}: 'length' is {spec.length} but the annotation has {counts.lines} non-empty line(s) "
+                "(repeat_time applies to the real lines; 'length' is not used)")
+    if counts.per_epoch:
+        return
+    reason = why_no_samples(spec, counts.lines) or "none of the lines an epoch uses is usable (see the problems above)"
+    problem(f"{where}: 0 samples per epoch: {reason}")
 
 
 def _check_dataset(

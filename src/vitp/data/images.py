@@ -148,9 +148,12 @@ def count_tiles(width: int, height: int, min_num: int, max_num: int, image_size:
 def dynamic_preprocess(
     image: Image.Image, min_num: int = 1, max_num: int = 12, image_size: int = 448, use_thumbnail: bool = False
 ) -> list[Image.Image]:
-    """Tiles of ``image``: resized to the chosen grid, cut row-major, plus a thumbnail if more than one."""
-    if not 1 <= min_num <= max_num:
-        raise ValueError(f"need 1 <= min_dynamic_patch <= max_dynamic_patch, got {min_num} and {max_num}")
+    """Tiles of ``image``: resized to the chosen grid, cut row-major, plus a thumbnail if more than one.
+
+    ``min_num`` above ``max_num`` happens legitimately when several images share the tile budget
+    (``max(1, max_dynamic_patch // n_images)``); as upstream, no grid qualifies and the image is one tile."""
+    if min_num < 1 or max_num < 1:
+        raise ValueError(f"need min_dynamic_patch and max_dynamic_patch >= 1, got {min_num} and {max_num}")
     columns, rows = choose_grid(*image.size, min_num, max_num, image_size)
     resized = image.resize((image_size * columns, image_size * rows), Image.BICUBIC)
     tiles = [

@@ -19,21 +19,31 @@ A JSONL file is indexed by byte offsets (8 bytes per line), never loaded whole. 
 
 from __future__ import annotations
 
+import difflib
 import json
+import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from vitp.errors import VitpError
 
+logger = logging.getLogger("vitp")
+
 IMAGE_PLACEHOLDER = "<image>"
 ROLES = ("system", "human", "gpt")
+META_KEYS = ("root", "annotation", "data_augment", "repeat_time", "length", "max_dynamic_patch")
 
 
-class MetaError(VitpError):
+class DataError(VitpError):
+    """The data as a whole cannot be used, e.g. no dataset contributes a sample to an epoch."""
+
+
+class MetaError(DataError):
     """The meta JSON itself is wrong (a dataset cannot be used at all)."""
 
 
@@ -78,21 +88,44 @@ class Sample:
 
 def read_meta(meta_path: str | Path) -> list[DatasetSpec]:
     """Parse and check a meta JSON. Relative ``root``/``annotation`` paths are looked up beside the
-    meta file first, then in the current directory (where upstream launch scripts resolve them)."""
+    meta file first, then in the current directory (where upstream launch scripts resolve them).
+    Unknown keys (typos such as ``repeat_times``) are logged as warnings: upstream ignores them too."""
     meta_path = Path(meta_path)
-    return [dataset_spec(meta_path, name, entry) for name, entry in load_meta_json(meta_path).items()]
+    specs = []
+    for name, entry in load_meta_json(meta_path).items():
+        for message in unknown_key_problems(meta_path, name, entry):
+            logger.warning("%s", message)
+        specs.append(dataset_spec(meta_path, name, entry))
+    return specs
 
 
 def load_meta_json(meta_path: Path) -> dict[str, Any]:
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        # utf-8-sig: editors on Windows save JSON with a byte-order mark, and JSONL with one is accepted too
+        meta = json.loads(meta_path.read_text(encoding="utf-8-sig"))
     except OSError as err:
         raise MetaError(f"{meta_path}: cannot read ({err.strerror or err})") from None
+    except UnicodeDecodeError as err:
+        raise MetaError(f"{meta_path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
     except json.JSONDecodeError as err:
         raise MetaError(f"{meta_path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
     if not isinstance(meta, dict) or not meta:
         raise MetaError(f"{meta_path}: expected a non-empty object {{dataset name: {{root, annotation, ...}}}}")
     return meta
+
+
+def unknown_key_problems(meta_path: Path, name: str, entry: Any) -> list[str]:
+    """One message per key of a meta entry that vitp does not know, with the closest known key."""
+    if not isinstance(entry, dict):
+        return []
+    messages = []
+    for key in entry:
+        if key in META_KEYS:
+            continue
+        close = difflib.get_close_matches(str(key), META_KEYS, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(META_KEYS)}"
+        messages.append(f"{meta_path}: dataset {name!r}: unknown key {key!r} is ignored ({hint})")
+    return messages
 
 
 def dataset_spec(meta_path: Path, name: str, entry: Any) -> DatasetSpec:
@@ -103,14 +136,12 @@ def dataset_spec(meta_path: Path, name: str, entry: Any) -> DatasetSpec:
     for key in ("root", "annotation"):
         if not isinstance(entry.get(key), str) or not entry[key]:
             raise MetaError(f"{where}: missing key {key!r} (a path string)")
-    repeat_time = entry.get("repeat_time", 1)
-    if not isinstance(repeat_time, (int, float)) or isinstance(repeat_time, bool) or repeat_time <= 0:
-        raise MetaError(f"{where}: 'repeat_time' must be a positive number, found {repeat_time!r}")
-    if repeat_time > 1 and int(repeat_time) != repeat_time:
-        raise MetaError(f"{where}: 'repeat_time' above 1 must be a whole number of repeats, found {repeat_time}")
-    max_patch = entry.get("max_dynamic_patch")
-    if max_patch is not None and (not isinstance(max_patch, int) or isinstance(max_patch, bool) or max_patch < 1):
-        raise MetaError(f"{where}: 'max_dynamic_patch' must be a positive integer, found {max_patch!r}")
+    data_augment = entry.get("data_augment", False)
+    if not isinstance(data_augment, bool):  # bool("false") is True: only a JSON true/false is unambiguous
+        raise MetaError(f"{where}: 'data_augment' must be true or false (a JSON boolean), found {data_augment!r}")
+    repeat_time = _repeat_time(entry.get("repeat_time", 1), where)
+    length = _optional_whole_number(entry, "length", where, minimum=0)
+    max_patch = _optional_whole_number(entry, "max_dynamic_patch", where, minimum=1)
     annotation = _resolve(meta_path, entry["annotation"], where, "annotation")
     if not annotation.is_file():
         raise MetaError(f"{where}: annotation {entry['annotation']!r} is not a file")
@@ -121,11 +152,39 @@ def dataset_spec(meta_path: Path, name: str, entry: Any) -> DatasetSpec:
         name=name,
         root=root,
         annotation=annotation,
-        data_augment=bool(entry.get("data_augment", False)),
-        repeat_time=float(repeat_time),
-        length=entry.get("length"),
+        data_augment=data_augment,
+        repeat_time=repeat_time,
+        length=length,
         max_dynamic_patch=max_patch,
     )
+
+
+def _repeat_time(value: Any, where: str) -> float:
+    """A finite positive number; above 1 a whole number of repeats (as upstream asserts)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise MetaError(f"{where}: 'repeat_time' must be a positive number, found {value!r}")
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond float range
+        number = math.inf
+    # json reads 1e400 as inf and accepts NaN: both would fail later, deep inside epoch_indices
+    if not math.isfinite(number):
+        raise MetaError(f"{where}: 'repeat_time' must be a finite positive number, found {value!r}")
+    if number <= 0:
+        raise MetaError(f"{where}: 'repeat_time' must be a positive number, found {value!r}")
+    if number > 1 and not number.is_integer():
+        raise MetaError(f"{where}: 'repeat_time' above 1 must be a whole number of repeats, found {value}")
+    return number
+
+
+def _optional_whole_number(entry: dict, key: str, where: str, minimum: int) -> int | None:
+    value = entry.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise MetaError(f"{where}: {key!r} must be {kind}, found {value!r}")
+    return value
 
 
 def _resolve(meta_path: Path, value: str, where: str, key: str) -> Path:
@@ -203,6 +262,7 @@ def _images_of(item: dict, where: str) -> tuple[str, ...]:
     if not isinstance(values, list) or not all(isinstance(v, str) and v for v in values):
         raise SampleError(where, "'image' must be a path string or a list of path strings", "missing keys")
     for path in values:
+        _check_text(path, where, "image path")
         if PurePosixPath(path).is_absolute() or PureWindowsPath(path).is_absolute():
             raise SampleError(
                 where, f"image path {path!r} is absolute; paths must be relative to the dataset root", "path escapes root"
@@ -221,6 +281,7 @@ def _turns_of(conversations: list, where: str) -> tuple[str | None, tuple[Turn, 
                 f"turn {number}: expected {{\"from\": one of {list(ROLES)}, \"value\": string}}, found {turn!r:.80}",
                 "wrong roles or order",
             )
+        _check_text(turn["value"], where, f"turn {number}")
         parsed.append(Turn(turn["from"], turn["value"]))
     system = None
     if parsed[0].role == "system":
@@ -238,6 +299,18 @@ def _turns_of(conversations: list, where: str) -> tuple[str | None, tuple[Turn, 
     if parsed[-1].role != "gpt":
         raise SampleError(where, "the last turn is from 'human': there is no answer to learn from", "wrong roles or order")
     return system, tuple(parsed)
+
+
+def _check_text(text: str, where: str, what: str) -> None:
+    """Refuse a lone surrogate (JSON "\\ud800" without its pair): json accepts it, but it is not text,
+    and the tokenizer and every UTF-8 writer fail on it later."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise SampleError(
+            where, f"{what}: lone surrogate {ascii(text[err.start])} at character {err.start} is not valid Unicode text",
+            "invalid text",
+        ) from None
 
 
 def _check_placeholders(turns: tuple[Turn, ...], images: tuple[str, ...], where: str) -> None:
@@ -277,7 +350,40 @@ def image_path(spec: DatasetSpec, relative: str, where: str) -> Path:
 
 def epoch_indices(spec: DatasetSpec, num_lines: int) -> np.ndarray:
     """Line indices one pass over a dataset uses: ``repeat_time`` < 1 keeps the first fraction of the
-    lines (as upstream), > 1 repeats them."""
+    lines (as upstream), > 1 repeats them. Counted over the real lines; ``length`` plays no part (as upstream)."""
     if spec.repeat_time < 1:
-        return np.arange(int(num_lines * spec.repeat_time))
+        return np.arange(samples_per_epoch(spec, num_lines))
     return np.tile(np.arange(num_lines), int(spec.repeat_time))
+
+
+def samples_per_epoch(spec: DatasetSpec, num_lines: int) -> int:
+    """``len(epoch_indices(spec, num_lines))``, without building the indices."""
+    if spec.repeat_time < 1:
+        return int(num_lines * spec.repeat_time)
+    return num_lines * int(spec.repeat_time)
+
+
+def why_no_samples(spec: DatasetSpec, num_lines: int) -> str | None:
+    """Why a dataset contributes no sample to an epoch, or None if it does."""
+    if num_lines == 0:
+        return f"annotation {spec.annotation} has no non-empty lines"
+    if samples_per_epoch(spec, num_lines) == 0:
+        return (f"repeat_time {spec.repeat_time:g} of {num_lines} line(s) keeps "
+                f"int({num_lines} x {spec.repeat_time:g}) = 0 of them")
+    return None
+
+
+def require_samples_per_epoch(specs: Sequence[DatasetSpec], line_counts: Iterable[int] | None = None) -> int:
+    """The number of samples one epoch draws from all datasets; DataError if it is 0 (a sampler over
+    nothing fails deep inside the trainer). A single dataset that adds nothing is logged as a warning.
+    ``line_counts``: the non-empty lines of each annotation, if already indexed (else they are counted)."""
+    counts = list(line_counts) if line_counts is not None else [len(JsonlIndex(spec.annotation)) for spec in specs]
+    empty = [(spec.name, why_no_samples(spec, num_lines)) for spec, num_lines in zip(specs, counts)]
+    empty = [(name, reason) for name, reason in empty if reason]
+    total = sum(samples_per_epoch(spec, num_lines) for spec, num_lines in zip(specs, counts))
+    if total == 0:
+        detail = "; ".join(f"dataset {name!r}: {reason}" for name, reason in empty) or "the meta file names no dataset"
+        raise DataError(f"no samples per epoch, nothing to train on ({detail}); `vitp data check` shows each dataset's count")
+    for name, reason in empty:
+        logger.warning("dataset %r contributes no samples per epoch: %s", name, reason)
+    return total

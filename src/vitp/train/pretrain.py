@@ -27,8 +27,9 @@ import torch.distributed as dist
 from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import SchedulerType
 
+from vitp.data.check import validate_data_settings
 from vitp.data.dataset import Collator, InstructionDataset, data_settings
-from vitp.data.meta import read_meta
+from vitp.data.meta import read_meta, require_samples_per_epoch
 from vitp.data.tokenizer import load_tokenizer
 from vitp.errors import ConfigError
 from vitp.model.checkpoint import build_vlm, load_vlm, load_vlm_weights, save_vlm
@@ -147,10 +148,10 @@ def pretrain(config: PretrainConfig) -> Path:
     if config.grad_checkpoint:
         model.set_gradient_checkpointing(True)
     settings = data_settings(config, model.vlm_config.vision.image_size, model.vlm_config.num_image_token)
-    dataset = InstructionDataset(read_meta(config.meta_path), tokenizer, settings, train=True)
-    if len(dataset) == 0:
-        raise ConfigError(f"{config.meta_path}: no samples per epoch (empty annotation files or repeat_time too small); "
-                          f"`vitp data check {config.meta_path}` shows each dataset's count")
+    specs = read_meta(config.meta_path)
+    validate_data_settings(settings, model.vlm_config.vision.patch_size, specs)
+    dataset = InstructionDataset(specs, tokenizer, settings, train=True)
+    require_samples_per_epoch(specs, [len(index) for index in dataset.indexes])
     trainer = VitpTrainer(
         model=model,
         args=training_arguments(config),
