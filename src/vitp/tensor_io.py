@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from vitp.errors import WeightFormatError
+from vitp.errors import VitpError, WeightFormatError
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt")
@@ -34,6 +34,10 @@ DIRECTORY_WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
+
+
+class OutputPathError(VitpError):
+    """An output file that cannot be written where it was asked for."""
 
 
 class TensorSource:
@@ -131,7 +135,6 @@ def read_json(path: Path) -> dict:
 def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """Write atomically: a crash never leaves a half-written file under the final name."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     contiguous = {key: tensor.detach().contiguous().cpu() for key, tensor in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(contiguous, str(tmp), metadata={"format": "pt", **(metadata or {})})
@@ -143,30 +146,62 @@ def write_json(value: dict, path: Path) -> None:
 
 def write_text(text: str, path: Path) -> None:
     """Write a text file atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
+    with atomic_path(Path(path)) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 
+def check_output_path(path: Path | str, flag: str = "--output") -> Path:
+    """Refuse, before any work is done, an output path that cannot become a file: an existing
+    directory, or a path under a file. Missing folders are fine: they are created when writing."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputPathError(f"{flag} {path}: is a directory; give the name of a file to write")
+    for parent in path.parents:
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise OutputPathError(f"{flag} {path}: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise OutputPathError(f"{flag} {path}: no permission to write in {parent}")
+            break
+    return path
+
+
+def make_parent_folder(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputPathError(f"{path}: cannot create its folder ({err.strerror or err})") from None
+
+
 class atomic_path:
-    """Context manager yielding a temporary path in the target's folder, renamed onto it on success."""
+    """Context manager yielding a temporary path in the target's folder (created if missing),
+    renamed onto the target on success. The temporary file never outlives the block: if the rename
+    fails (the target is a directory, ...) it is removed and :class:`OutputPathError` says why."""
 
     def __init__(self, path: Path):
-        self.path = path
+        self.path = Path(path)
 
     def __enter__(self) -> Path:
-        fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        make_parent_folder(self.path)
+        try:
+            fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        except OSError as err:
+            raise OutputPathError(f"{self.path}: cannot write in {self.path.parent} ({err.strerror or err})") from None
         os.close(fd)
         self.tmp = Path(name)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
+        if exc_type is not None:
+            self.tmp.unlink(missing_ok=True)
+            return
+        try:
             os.chmod(self.tmp, 0o666 & ~_current_umask())  # mkstemp creates 0600; use the usual mode
             os.replace(self.tmp, self.path)
-        else:
+        except OSError as err:
             self.tmp.unlink(missing_ok=True)
+            what = "it is a directory" if self.path.is_dir() else err.strerror or str(err)
+            raise OutputPathError(f"{self.path}: cannot write it ({what})") from None
 
 
 def _current_umask() -> int:

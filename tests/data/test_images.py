@@ -45,6 +45,22 @@ def test_16_bit_images_are_scaled_not_clipped(tmp_path):
     assert image.min() == 0 and image.max() == 255 and len(np.unique(image)) > 100
 
 
+def test_float_images_with_nan_nodata_keep_their_contrast(tmp_path):
+    array = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+    array[:8] = np.nan  # a "no data" border
+    Image.fromarray(array, mode="F").save(tmp_path / "band.tif")
+    image = np.asarray(load_image(tmp_path / "band.tif"))[..., 0]
+    assert (image[:8] == 0).all()
+    assert image[8:].min() == 0 and image[8:].max() == 255 and len(np.unique(image[8:])) > 100
+
+
+def test_a_float_image_of_only_nan_is_refused(tmp_path):
+    Image.fromarray(np.full((16, 16), np.nan, np.float32), mode="F").save(tmp_path / "nodata.tif")
+    with pytest.raises(ImageError, match="no valid pixels") as err:
+        load_image(tmp_path / "nodata.tif")
+    assert err.value.path.endswith("nodata.tif")
+
+
 @pytest.mark.parametrize(
     "content, reason",
     [

@@ -8,7 +8,7 @@ import pytest
 from vitp.retrieval.evaluate import EvaluationError, evaluate_retrieval
 from vitp.retrieval.feature_file import FeatureSet
 from vitp.retrieval.index import RetrievalIndex
-from vitp.retrieval.rerank import l2_normalise
+from vitp.retrieval.rerank import PostProcessingError, l2_normalise
 
 SETTINGS = {"model_fingerprint": "sha256:test", "layer": 2, "pool": "mean", "image_size": 112}
 
@@ -100,3 +100,40 @@ def test_bad_requests_are_clear_errors():
         evaluate_retrieval(queries, gallery, leave_one_out=True, progress_bar=False)
     with pytest.raises(EvaluationError, match=">= 1"):
         evaluate_retrieval(queries, gallery, top_k=[0], progress_bar=False)
+
+
+@pytest.mark.parametrize(
+    "labels, message",
+    [(["a", "a", "a"], "only the class 'a'"), (["", "", ""], "no class at all; 3 of its 3 images have no class")],
+)
+def test_a_gallery_of_fewer_than_two_classes_is_refused(labels, message):
+    # Every result would "match", so Top-K and mAP would be 1.0 whatever the features: refuse, saying why.
+    gallery = feature_set(np.eye(3) + 0.1, labels)
+    with pytest.raises(EvaluationError, match=message + ".*fewer than 2 classes.*meaningless"):
+        evaluate_retrieval(None, gallery, leave_one_out=True, progress_bar=False)
+    with pytest.raises(EvaluationError, match=message):
+        evaluate_retrieval(None, index=RetrievalIndex.build(gallery, progress_bar=False), progress_bar=False)
+
+
+def test_queries_without_a_class_are_excluded_not_matched_with_other_unlabelled_images():
+    queries, gallery = small_case()
+    gallery = feature_set(np.vstack([gallery.features, [[0.2, 0.98]]]), ["a", "a", "b", "b", "b", ""])
+    unlabelled = feature_set(np.vstack([queries.features, [[0.2, 0.98]]]), ["a", "b", ""], prefix="q")
+    report = evaluate_retrieval(unlabelled, gallery, top_k=[1], progress_bar=False)
+    assert report.num_evaluated == 2 and report.excluded == {"(no class)": 1}
+
+
+def test_leave_one_out_on_one_image_per_class_says_the_query_is_its_class_only_image():
+    gallery = feature_set(np.eye(3) + 0.1, ["circle", "square", "star"])
+    with pytest.raises(EvaluationError, match="that image is the class's only one in the gallery") as refused:
+        evaluate_retrieval(None, gallery, leave_one_out=True, progress_bar=False)
+    assert "has a class present in the gallery" not in str(refused.value)
+
+
+def test_zero_pca_dimensions_are_refused_not_taken_as_no_pca():
+    queries, gallery = small_case()
+    with pytest.raises(PostProcessingError, match="--pca 0: must be between 1"):
+        evaluate_retrieval(queries, gallery, pca_dimensions=0, progress_bar=False)
+    index = RetrievalIndex.build(gallery, progress_bar=False)
+    with pytest.raises(EvaluationError, match="set when it is built"):
+        evaluate_retrieval(queries, index=index, pca_dimensions=0, progress_bar=False)

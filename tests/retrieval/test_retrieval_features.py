@@ -171,3 +171,56 @@ def test_symlinked_images_keep_the_class_of_their_own_folder(image_tree, vit_fil
     row = [i for i, path in enumerate(loaded.image_paths) if path.endswith("alias.png")]
     assert len(row) == 1 and loaded.labels[row[0]] == "linked"
     assert loaded.image_paths[row[0]] == str(image_tree / "linked" / "alias.png")
+
+
+def test_images_directly_in_the_image_dir_are_warned_about(image_tree, vit_file, tmp_path, caplog):
+    Image.new("RGB", (30, 30), (9, 9, 9)).save(image_tree / "loose_1.png")
+    Image.new("RGB", (30, 30), (9, 9, 99)).save(image_tree / "loose_2.png")
+    with caplog.at_level("WARNING", logger="vitp"):
+        result = extract_features(image_tree, tmp_path / "g.npz", vit_file, **FAST)
+    assert "2 of the 14 images are directly in --image_dir" in caplog.text
+    assert "the root folder's name 'images'" in caplog.text
+    assert sorted(set(result.feature_set.labels)) == ["disk", "images", "square", "stripes"]
+
+
+def test_any_error_mid_run_keeps_finished_batches_and_the_rerun_gives_an_identical_file(
+    image_tree, vit_file, tmp_path, monkeypatch
+):
+    real_embed, calls = features_module.embed_batch, [0]
+
+    def fails_on_the_third_batch(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_embed(*args, **kwargs)
+
+    options = dict(batch_size=2, shard_size=100, **FAST)  # shards would only be written at the end
+    monkeypatch.setattr(features_module, "embed_batch", fails_on_the_third_batch)
+    with pytest.raises(RuntimeError, match="simulated"):
+        extract_features(image_tree, tmp_path / "resumed.npz", vit_file, **options)
+    monkeypatch.setattr(features_module, "embed_batch", real_embed)
+
+    resumed = extract_features(image_tree, tmp_path / "resumed.npz", vit_file, **options)
+    assert resumed.num_reused == 4  # the two batches finished before the error
+    extract_features(image_tree, tmp_path / "straight.npz", vit_file, **options)
+    assert (tmp_path / "resumed.npz").read_bytes() == (tmp_path / "straight.npz").read_bytes()
+
+
+def test_a_negative_number_of_workers_is_refused(image_tree, vit_file, tmp_path):
+    options = {**FAST, "num_workers": -1}
+    with pytest.raises(ExtractionError, match="--num_workers -1: must be >= 0"):
+        extract_features(image_tree, tmp_path / "g.npz", vit_file, **options)
+    feature_model = load_feature_model(vit_file, device="cpu", dtype="fp32")
+    with pytest.raises(ExtractionError, match="--num_workers -1"):
+        features_module.embed_files(feature_model, sorted(image_tree.rglob("*.png")), -1, "mean", num_workers=-1)
+
+
+@pytest.mark.parametrize("max_pixels", [0, -1])
+def test_a_pixel_limit_below_one_is_refused_not_taken_as_the_default(image_tree, vit_file, tmp_path, max_pixels):
+    from vitp.cli import main
+
+    with pytest.raises(ExtractionError, match=f"--max_pixels {max_pixels}: must be >= 1"):
+        extract_features(image_tree, tmp_path / "g.npz", vit_file, max_pixels=max_pixels, **FAST)
+    assert main(["features", "--image_dir", str(image_tree), "--output", str(tmp_path / "g.npz"), "--vit_checkpoint",
+                 str(vit_file), "--max_pixels", str(max_pixels), "--no_progress", "--num_workers", "0"]) == 2
+    assert not (tmp_path / "g.npz").exists()

@@ -140,3 +140,75 @@ def test_features_file_round_trip_and_damage(tmp_path):
     (tmp_path / "text.npz").write_text("not a zip")
     with pytest.raises(FeatureFileError, match="not a readable .npz"):
         load_features(tmp_path / "text.npz")
+
+
+@pytest.mark.parametrize("parameters, flag", [({"nprobe": 0}, "--nprobe 0"), ({"efSearch": -3}, "--ef_search -3")])
+def test_search_parameters_below_one_are_refused(parameters, flag):
+    gallery = random_features(600)
+    with pytest.raises(RetrievalIndexError, match=f"{flag}: must be a whole number >= 1"):
+        RetrievalIndex.build(gallery, "IVF8,Flat", search_parameters=parameters, progress_bar=False)
+    index = RetrievalIndex.build(gallery, "IVF8,Flat", progress_bar=False)
+    with pytest.raises(RetrievalIndexError, match=f"{flag}: must be"):
+        index.set_search_parameters(parameters)
+
+
+def test_fewer_results_than_k_are_reported(caplog):
+    from vitp.retrieval.evaluate import evaluate_retrieval
+    from vitp.retrieval.search import search_index
+
+    # 600 vectors in 8 IVF lists, one list visited: about 75 candidates, fewer than the 100 asked for.
+    gallery, queries = random_features(600), random_features(4, seed=1, prefix="q")
+    index = RetrievalIndex.build(gallery, "IVF8,Flat", search_parameters={"nprobe": 1}, progress_bar=False)
+    with caplog.at_level(logging.WARNING, logger="vitp"):
+        results = search_index(index, queries, 100)
+    assert (results.ids < 0).any()
+    assert "4 of the 4 queries got fewer than 100 results" in caplog.text and "--nprobe" in caplog.text
+
+    report = evaluate_retrieval(queries, index=index, top_k=[100], full_map=False, progress_bar=False)
+    assert any("4 of 4 queries got fewer than 100 results" in line for line in report.summary_lines())
+    assert report.to_dict()["warnings"]
+    exhaustive = RetrievalIndex.build(gallery, "IVF8,Flat", search_parameters={"nprobe": 8}, progress_bar=False)
+    assert not evaluate_retrieval(queries, index=exhaustive, top_k=[100], full_map=False, progress_bar=False).notes
+
+
+def test_features_listing_an_image_twice_are_refused(tmp_path):
+    # A duplicate would find its own copy, which leave-one-out (by path) cannot remove.
+    paths = ["/d/a/1.png", "/d/a/2.png", "/d/b/3.png", "/d/a/1.png", "/d/b/3.png", "/d/b/3.png"]
+    np.savez(tmp_path / "dup.npz", features=np.eye(6, dtype=np.float32), image_paths=paths)
+    with pytest.raises(FeatureFileError, match=r"2 image paths appear more than once: /d/a/1.png \(2x\), /d/b/3.png \(3x\)"):
+        load_features(tmp_path / "dup.npz")
+
+
+def test_a_factory_whose_index_refuses_plain_add_is_a_clear_error():
+    with pytest.raises(RetrievalIndexError, match="'IDMap,Flat': FAISS cannot add the gallery vectors .*add_with_ids"):
+        RetrievalIndex.build(random_features(50), "IDMap,Flat", progress_bar=False)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda meta: [1], "holds a JSON list, not an object"),
+        (lambda meta: {k: v for k, v in meta.items() if k not in ("factory", "stores_vectors")},
+         "missing factory, stores_vectors"),
+        (lambda meta: {**meta, "feature_dimension": "16"}, "feature_dimension is str"),
+        (lambda meta: {**meta, "dba": {"k": 2}}, "dba lacks"),
+        (lambda meta: {**meta, "feature_dimension": 8}, "says 8-dimensional features, but the index .* take 16"),
+    ],
+)
+def test_a_damaged_meta_json_is_a_clear_error(tmp_path, damage, message):
+    path = RetrievalIndex.build(random_features(20), progress_bar=False).save(tmp_path / "i")
+    meta = json.loads((path / "meta.json").read_text())
+    (path / "meta.json").write_text(json.dumps(damage(meta)))
+    with pytest.raises(RetrievalIndexError, match=f"damaged index.*{message}"):
+        RetrievalIndex.load(path, faiss_device="cpu")
+
+
+def test_huge_feature_values_are_normalised_not_zeroed_and_2d_labels_are_refused(tmp_path):
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(6, 4)).astype(np.float32)
+    paths = [f"/d/c{i % 2}/{i}.png" for i in range(6)]
+    np.savez(tmp_path / "huge.npz", features=vectors * np.float32(1e30), image_paths=paths)
+    np.testing.assert_allclose(load_features(tmp_path / "huge.npz").features, l2_normalise(vectors), rtol=1e-5)
+    np.savez(tmp_path / "labels2d.npz", features=vectors, image_paths=paths, labels=np.array([["a", "b"]] * 6))
+    with pytest.raises(FeatureFileError, match="'labels' must be a 1-D list of strings, got shape \\(6, 2\\)"):
+        load_features(tmp_path / "labels2d.npz")

@@ -320,3 +320,14 @@ def test_a_taken_port_is_a_clean_error():
             bind_socket("127.0.0.1", taken.getsockname()[1])
     finally:
         taken.close()
+
+
+@pytest.mark.parametrize("port", ["70000", "-1"])
+def test_a_port_out_of_range_is_refused(port, tmp_path, capsys):
+    assert main(["serve", "--index", str(tmp_path / "missing"), "--port", port]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --port {port}: must be between 0 and 65535 (0 = any free port)"
+
+
+def test_a_pixel_limit_below_one_is_refused(tmp_path, capsys):
+    assert main(["serve", "--index", str(tmp_path / "missing"), "--max_pixels", "0"]) == 2
+    assert "--max_pixels 0: must be >= 1" in capsys.readouterr().err

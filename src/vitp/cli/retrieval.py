@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 POOLS = ("mean", "cls")
 DEVICES_HELP = "auto (cuda if available), cpu, cuda or cuda:N"
@@ -67,11 +68,14 @@ def _add_gallery_postprocessing_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _search_parameters(args: argparse.Namespace) -> dict:
+    from vitp.retrieval.index import check_search_parameters
+
     parameters = {}
     if args.nprobe is not None:
         parameters["nprobe"] = args.nprobe
     if args.ef_search is not None:
         parameters["efSearch"] = args.ef_search
+    check_search_parameters(parameters)  # refused before any index is loaded or built
     return parameters
 
 
@@ -119,7 +123,9 @@ def _run_features(args: argparse.Namespace) -> int:
     from vitp.data.images import DEFAULT_MAX_PIXELS
     from vitp.formats import config_from_argument
     from vitp.retrieval.features import extract_features, partial_directory
+    from vitp.tensor_io import check_output_path
 
+    check_output_path(_features_output(args.output))  # before the model is loaded and any image embedded
     config = None
     if args.vit_config:
         config = config_from_argument(args.vit_config, **({"num_heads": args.num_heads} if args.num_heads else {}))
@@ -129,14 +135,10 @@ def _run_features(args: argparse.Namespace) -> int:
             vit_config=config, image_size=args.image_size, select_layer=args.select_layer, pool=args.pool,
             batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, dtype=args.dtype,
             shard_size=args.shard_size, shard_seconds=args.shard_seconds,
-            max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, restart=args.restart, progress_bar=_progress(args),
+            max_pixels=DEFAULT_MAX_PIXELS if args.max_pixels is None else args.max_pixels, restart=args.restart, progress_bar=_progress(args),
         )
     except KeyboardInterrupt:
-        from pathlib import Path
-
-        output = Path(args.output)
-        output = output if output.suffix == ".npz" else output.with_name(output.name + ".npz")
-        print(f"\ninterrupted: finished batches are kept in {partial_directory(output)}; "
+        print(f"\ninterrupted: finished batches are kept in {partial_directory(_features_output(args.output))}; "
               f"run the same command again to continue", file=sys.stderr)
         return 130
     settings = result.feature_set.settings
@@ -156,6 +158,12 @@ def _run_features(args: argparse.Namespace) -> int:
     print(f"特征形状: {result.feature_set.features.shape} (feature shape; {computed} images in "
           f"{result.seconds:.1f} s, {computed / max(result.seconds, 1e-9):.1f} images/s)")
     return 0
+
+
+def _features_output(output: str) -> Path:
+    """The file `features` writes: --output, with .npz added as np.savez does."""
+    path = Path(output)
+    return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -189,8 +197,9 @@ def _register_index(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_index_build(args: argparse.Namespace) -> int:
     from vitp.retrieval.feature_file import load_features
-    from vitp.retrieval.index import RetrievalIndex
+    from vitp.retrieval.index import RetrievalIndex, check_index_output
 
+    check_index_output(args.output)  # before the (possibly long) build
     gallery = load_features(args.features)
     index = RetrievalIndex.build(
         gallery, args.factory, pca_dimensions=args.pca, whiten=args.whiten,
@@ -241,7 +250,8 @@ def _register_search(subparsers: argparse._SubParsersAction) -> None:
     _add_search_parameter_flags(parser)
     parser.add_argument("--output", action="append", default=[], metavar="FILE",
                         help="write results to FILE.json or FILE.csv (repeatable)")
-    parser.add_argument("--contact_sheet", metavar="PNG", help="draw queries and their results into this PNG")
+    parser.add_argument("--contact_sheet", metavar="IMAGE",
+                        help="draw queries and their results into this picture (.png, .jpg, .webp: by its extension)")
     parser.add_argument("--show", type=int, default=20, help="queries printed and drawn (default: %(default)s)")
     parser.add_argument("--vit_checkpoint", help="the gallery's ViT checkpoint, if it moved since the index was built")
     _add_compute_flags(parser, dtype_default=None)
@@ -252,11 +262,21 @@ def _register_search(subparsers: argparse._SubParsersAction) -> None:
 def _run_search(args: argparse.Namespace) -> int:
     from vitp.retrieval.feature_file import load_features
     from vitp.retrieval.index import RetrievalIndex
+    from vitp.retrieval.pictures import picture_format
     from vitp.retrieval.search import SearchError, embed_queries, search_index
+    from vitp.tensor_io import check_output_path
 
     for output in args.output:  # refuse a bad --output before the (possibly long) search
         if not output.lower().endswith((".json", ".csv")):
             raise SearchError(f"--output {output}: use a name ending in .json or .csv")
+        check_output_path(output)
+    if args.show < 0:
+        raise SearchError(f"--show {args.show}: must be >= 0 (the number of queries printed)")
+    if args.contact_sheet:
+        check_output_path(args.contact_sheet, "--contact_sheet")
+        picture_format(args.contact_sheet, "--contact_sheet")
+        if args.show < 1:
+            raise SearchError(f"--show {args.show}: the contact sheet draws the first --show queries, so it needs >= 1")
     index = RetrievalIndex.load(args.index, faiss_device=args.faiss_device)
     skipped = []
     if args.image:
@@ -271,7 +291,7 @@ def _run_search(args: argparse.Namespace) -> int:
         queries = load_features(args.query_features)
     results = search_index(index, queries, args.k, qe_k=args.qe, qe_alpha=args.qe_alpha,
                            search_parameters=_search_parameters(args), skipped=skipped)
-    print("\n".join(results.lines(args.show)))
+    print("\n".join(results.lines(args.show, written=bool(args.output))))
     for path, reason in skipped:
         print(f"skipped query {path}: {reason}")
     for output in args.output:
@@ -315,14 +335,17 @@ def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from vitp.retrieval.evaluate import evaluate_retrieval
     from vitp.retrieval.feature_file import load_features
     from vitp.retrieval.index import RetrievalIndex
-    from vitp.retrieval.pictures import write_class_chart
-    from vitp.tensor_io import write_json
+    from vitp.retrieval.pictures import picture_format, write_class_chart
+    from vitp.tensor_io import check_output_path, write_json
 
+    if args.output:  # refused before the evaluation, not after it
+        check_output_path(args.output)
+    if args.plot:
+        check_output_path(args.plot, "--plot")
+        picture_format(args.plot, "--plot")
     queries = load_features(args.query_features) if args.query_features else None
     gallery = load_features(args.gallery_features) if args.gallery_features else None
     index = RetrievalIndex.load(args.index, faiss_device=args.faiss_device) if args.index else None

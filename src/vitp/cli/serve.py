@@ -42,6 +42,10 @@ WEB_PACKAGES = ("fastapi", "starlette", "uvicorn", "multipart", "python_multipar
 def _run_serve(args: argparse.Namespace) -> int:
     from vitp.errors import VitpError
 
+    if not 0 <= args.port <= 65535:  # else the OS takes the port modulo 65536, or blames the host
+        raise VitpError(f"--port {args.port}: must be between 0 and 65535 (0 = any free port)")
+    if args.max_pixels is not None and args.max_pixels < 1:  # 0 would otherwise mean "the default"
+        raise VitpError(f"--max_pixels {args.max_pixels}: must be >= 1 (leave it out for the gallery's limit)")
     try:
         from vitp.serve.server import run_server
     except ModuleNotFoundError as err:

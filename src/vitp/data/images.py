@@ -71,8 +71,8 @@ def decode_image(
                     )
                 image.load()  # decode now, so that truncation is found here and not later
                 return to_rgb(image)
-    except ImageError:
-        raise
+    except ImageError as err:  # named as the caller names the source (to_rgb sees only the image)
+        raise ImageError(name, err.reason, err.kind) from None
     except UnidentifiedImageError:
         accepted = f" ({', '.join(formats)})" if formats else ""
         raise ImageError(name, f"not an image in a supported format{accepted}", "unsupported") from None
@@ -86,11 +86,19 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """RGB for any mode; 16-bit and float images (common in remote sensing) are scaled to 8 bit
     instead of being clipped."""
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        array = np.asarray(image, dtype=np.float32)
-        low, high = float(array.min()), float(array.max())
-        scaled = (array - low) * (255.0 / (high - low)) if high > low else np.zeros_like(array)
-        image = Image.fromarray(scaled.round().astype(np.uint8), mode="L")
+        image = Image.fromarray(_scaled_to_8_bit(np.asarray(image, dtype=np.float32), image), mode="L")
     return image.convert("RGB")
+
+
+def _scaled_to_8_bit(array: np.ndarray, image: Image.Image) -> np.ndarray:
+    """Stretch the valid range to 0..255. NaN (a usual "no data" value of float rasters) is left out of
+    the range, so that it does not turn the whole image black, and becomes 0."""
+    valid = np.isfinite(array)
+    if not valid.any():
+        raise ImageError(getattr(image, "filename", "") or "image", "no valid pixels (every value is NaN or infinite)", "corrupt")
+    low, high = float(array[valid].min()), float(array[valid].max())
+    scaled = (array - low) * (255.0 / (high - low)) if high > low else np.zeros_like(array)
+    return np.where(valid, scaled, 0.0).round().astype(np.uint8)
 
 
 def build_transform(image_size: int) -> transforms.Compose:

@@ -24,9 +24,12 @@ import numpy as np
 from vitp.errors import VitpError
 from vitp.retrieval import metrics
 from vitp.retrieval.feature_file import FeatureSet
-from vitp.retrieval.index import RetrievalIndex
+from vitp.retrieval.index import RetrievalIndex, count_short_results
 
 logger = logging.getLogger("vitp")
+
+# How an empty label (an image path without a folder) is shown among the excluded queries.
+NO_CLASS = "(no class)"
 
 
 class EvaluationError(VitpError):
@@ -70,6 +73,7 @@ class EvaluationReport:
             "index": self.index_description,
             "query_expansion": self.query_expansion,
             "queries_also_in_gallery": self.self_matches,
+            "warnings": self.notes,
         }
 
     def summary_lines(self) -> list[str]:
@@ -120,6 +124,28 @@ class EvaluationReport:
         return lines
 
 
+def require_two_classes(labels: np.ndarray, name: str) -> None:
+    """Refuse a gallery whose labels cannot tell a right result from a wrong one.
+
+    With one class (or none) every result "has the query's class", so Top-K and mAP come out
+    perfect whatever the features are: numbers that look like a result but measure nothing.
+    """
+    labels = np.asarray(labels).astype(str)
+    classes = sorted(set(map(str, labels)) - {""})
+    if len(classes) >= 2:
+        return
+    unlabelled = int((labels == "").sum())
+    found = f"only the class {classes[0]!r}" if classes else "no class at all"
+    detail = ""
+    if unlabelled:
+        detail = f"; {unlabelled} of its {len(labels)} images have no class (no parent folder in their path)"
+    raise EvaluationError(
+        f"{name} has {found}{detail}: with fewer than 2 classes every result counts as a match, so Top-K accuracy "
+        f"and mAP would be perfect whatever the features are, and meaningless. The class of an image is the name of "
+        f"its folder: put each class's images in a folder of its own (at least 2 classes)"
+    )
+
+
 def self_ids_by_path(query_paths: np.ndarray, gallery_paths: np.ndarray) -> np.ndarray:
     """The gallery id of each query's own image (same path), or -1."""
     position = {str(path): i for i, path in enumerate(gallery_paths)}
@@ -156,13 +182,15 @@ def evaluate_retrieval(
     if index is None:
         if gallery is None:
             raise EvaluationError("give the gallery as --gallery_features or --index")
+        require_two_classes(gallery.labels, f"gallery {gallery.source}")
         index = RetrievalIndex.build(
             gallery, factory, pca_dimensions=pca_dimensions, whiten=whiten, pca_fit=pca_fit, dba_k=dba_k,
             dba_alpha=dba_alpha, search_parameters=search_parameters, faiss_device=faiss_device,
             progress_bar=progress_bar,
         )
     else:
-        if pca_dimensions or whiten or dba_k or pca_fit is not None or factory != "Flat":
+        require_two_classes(index.labels, index.name)
+        if pca_dimensions is not None or whiten or dba_k or pca_fit is not None or factory != "Flat":
             raise EvaluationError(
                 "--factory/--pca/--whiten/--pca_fit/--dba shape the gallery's index, so they are set when it is built "
                 "(`vitp index build`); with --index they come from the index"
@@ -187,20 +215,19 @@ def evaluate_retrieval(
 
     classes, query_classes, gallery_classes = metrics.encode_labels(queries.labels, index.labels)
     relevant = metrics.relevant_counts(query_classes, gallery_classes, len(classes), exclude if leave_one_out else None)
-    answerable = relevant > 0
-    excluded = Counter(str(classes[c]) for c in query_classes[~answerable])
+    # An empty label is "no class", not a class: such queries cannot be judged right or wrong.
+    labelled = np.char.str_len(queries.labels.astype(str)) > 0
+    answerable = (relevant > 0) & labelled
+    excluded = Counter(str(classes[c]) or NO_CLASS for c in query_classes[~answerable])
     if not answerable.any():
-        raise EvaluationError(
-            f"none of the {len(queries)} queries has a class present in the gallery "
-            f"(query classes: {', '.join(sorted(set(map(str, queries.labels)))[:10])}; gallery classes: "
-            f"{', '.join(sorted(set(map(str, index.labels)))[:10])})"
-        )
+        raise EvaluationError(_nothing_to_evaluate(queries, index, leave_one_out, labelled))
 
     selected = np.flatnonzero(answerable)
     query_vectors = index.prepare_queries(queries.features[selected])
     chosen_exclude = exclude[selected] if leave_one_out else None
     k_max = min(top_k[-1], len(index) - (1 if leave_one_out else 0))
     scores, ids, final_queries = index.search(query_vectors, k_max, exclude=chosen_exclude, qe_k=qe_k, qe_alpha=qe_alpha)
+    notes = _short_result_notes(ids, k_max, index)
     if k_max < top_k[-1]:  # a gallery smaller than K: missing ranks count as misses
         ids = np.pad(ids, ((0, 0), (0, top_k[-1] - k_max)), constant_values=-1)
 
@@ -234,7 +261,41 @@ def evaluate_retrieval(
         index_description=index.describe(),
         query_expansion={"k": qe_k, "alpha": qe_alpha} if qe_k else None,
         self_matches=0 if leave_one_out else in_gallery,
+        notes=notes,
     )
+
+
+def _nothing_to_evaluate(
+    queries: FeatureSet, index: RetrievalIndex, leave_one_out: bool, labelled: np.ndarray
+) -> str:
+    """Why no query can be evaluated, without contradicting itself: in leave-one-out a class may be
+    in the gallery only as the query's own image."""
+    query_classes = sorted(set(map(str, queries.labels[labelled])))
+    gallery_classes = set(map(str, index.labels))
+    if not query_classes:
+        return f"none of the {len(queries)} queries has a class (their paths have no folder)"
+    only_themselves = [name for name in query_classes if name in gallery_classes]
+    if leave_one_out and only_themselves:
+        return (
+            f"no query can be evaluated: with --leave_one_out each query's own image is removed, and in the classes "
+            f"of the queries ({', '.join(only_themselves[:10])}) that image is the class's only one in the gallery; "
+            f"each class needs at least 2 images"
+        )
+    return (
+        f"none of the {len(queries)} queries has a class present in the gallery (query classes: "
+        f"{', '.join(query_classes[:10])}; gallery classes: {', '.join(sorted(gallery_classes)[:10])})"
+    )
+
+
+def _short_result_notes(ids: np.ndarray, expected: int, index: RetrievalIndex) -> list[str]:
+    """A warning line when the index returned fewer results than asked for (they count as misses)."""
+    short = count_short_results(ids, expected)
+    if not short:
+        return []
+    return [
+        f"warning: {short} of {len(ids)} queries got fewer than {expected} results from {index.describe()}; the "
+        f"missing ranks count as misses (raise --nprobe for an IVF index, --ef_search for HNSW)"
+    ]
 
 
 def _per_class_rows(

@@ -37,6 +37,8 @@ FEATURES_FORMAT = "vitp-features"
 COMPATIBILITY_KEYS = ("model_fingerprint", "layer", "pool", "image_size")
 # Norms further than this from 1 mean the features were not L2-normalised.
 _NORM_TOLERANCE = 1e-3
+# Rows whose norms are computed at a time (in float64).
+_NORM_CHUNK_ROWS = 65536
 
 
 class FeatureFileError(VitpError):
@@ -95,7 +97,6 @@ def save_features(feature_set: FeatureSet, path: Path | str) -> Path:
 
 def write_npz(arrays: dict[str, np.ndarray], path: Path) -> None:
     """``np.savez`` without its wall-clock timestamps in the zip entries, written atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
         for name, array in arrays.items():
             info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
@@ -133,12 +134,16 @@ def load_features(path: Path | str) -> FeatureSet:
     except (OSError, zipfile.BadZipFile, EOFError) as err:
         raise FeatureFileError(f"{path}: not a readable .npz file ({err})") from None
 
+    for name, array in (("image_paths", image_paths), ("labels", labels)):
+        if array is not None and array.ndim != 1:
+            raise FeatureFileError(f"{path}: '{name}' must be a 1-D list of strings, got shape {array.shape}")
     if len(image_paths) != len(features):
         raise FeatureFileError(
             f"{path}: 'image_paths' has {len(image_paths)} entries but 'features' has {len(features)} rows"
         )
     if labels is not None and len(labels) != len(features):
         raise FeatureFileError(f"{path}: 'labels' has {len(labels)} entries but 'features' has {len(features)} rows")
+    _refuse_duplicate_paths(image_paths, path)
     if not np.issubdtype(features.dtype, np.floating):
         raise FeatureFileError(f"{path}: 'features' must be floating point, got {features.dtype}")
     if features.ndim != 2 or len(features) == 0:
@@ -162,6 +167,20 @@ def load_features(path: Path | str) -> FeatureSet:
     return FeatureSet(features, image_paths, labels, settings, source=str(path))
 
 
+def _refuse_duplicate_paths(image_paths: np.ndarray, path: Path) -> None:
+    """An image listed twice finds its own copy: leave-one-out (which removes a query by its path)
+    would then count it as a perfect match, and every metric would be inflated."""
+    unique, counts = np.unique(image_paths, return_counts=True)
+    repeated = unique[counts > 1]
+    if len(repeated):
+        shown = ", ".join(f"{name} ({count}x)" for name, count in zip(repeated[:3], counts[counts > 1][:3]))
+        more = f", ... ({len(repeated) - 3} more)" if len(repeated) > 3 else ""
+        raise FeatureFileError(
+            f"{path}: {len(repeated)} image paths appear more than once: {shown}{more}; each image must be listed "
+            f"once (merged features files? extract them again with `vitp features`)"
+        )
+
+
 def _parse_settings(member: np.ndarray, path: Path) -> dict[str, Any]:
     try:
         settings = json.loads(str(member.item()))
@@ -174,7 +193,10 @@ def _parse_settings(member: np.ndarray, path: Path) -> dict[str, Any]:
 
 def _normalised(features: np.ndarray, path: Path) -> np.ndarray:
     """Inner product is cosine similarity only on unit vectors; normalise features that are not."""
-    norms = np.linalg.norm(features, axis=1)
+    norms = _row_norms(features)
+    if not np.isfinite(norms).all():  # cannot happen in float64 for finite float32 rows; kept as a guard
+        row = int(np.flatnonzero(~np.isfinite(norms))[0])
+        raise FeatureFileError(f"{path}: feature row {row} has a norm too large to compute")
     if np.any(norms == 0):
         row = int(np.flatnonzero(norms == 0)[0])
         raise FeatureFileError(f"{path}: feature row {row} is all zeros (cannot be normalised)")
@@ -183,8 +205,18 @@ def _normalised(features: np.ndarray, path: Path) -> np.ndarray:
             "%s: features are not L2-normalised (norms %.3g to %.3g); normalising them so that inner product "
             "is cosine similarity", path, norms.min(), norms.max()
         )
-        features = features / norms[:, None]
+        features = (features / norms[:, None]).astype(np.float32)
     return features
+
+
+def _row_norms(features: np.ndarray) -> np.ndarray:
+    """L2 norm of each row, summed in float64: in float32 the squares of values above ~1e19 overflow
+    to inf, and dividing by inf would turn those rows into zeros. Chunked to bound the float64 copy."""
+    norms = np.empty(len(features), dtype=np.float64)
+    for start in range(0, len(features), _NORM_CHUNK_ROWS):
+        chunk = features[start : start + _NORM_CHUNK_ROWS].astype(np.float64)
+        norms[start : start + len(chunk)] = np.linalg.norm(chunk, axis=1)
+    return norms
 
 
 def check_compatible(

@@ -224,6 +224,14 @@ def default_num_workers() -> int:
     return min(8, os.cpu_count() or 1)
 
 
+def check_num_workers(num_workers: int | None) -> None:
+    if num_workers is not None and num_workers < 0:
+        raise ExtractionError(
+            f"--num_workers {num_workers}: must be >= 0 (0 decodes images in the main process; "
+            f"default min(8, CPU count) = {default_num_workers()})"
+        )
+
+
 def embedded_batches(
     feature_model: FeatureModel,
     dataset: ImageFiles,
@@ -260,6 +268,9 @@ def embed_files(
     progress_bar: bool = True,
 ) -> tuple[FeatureSet | None, list[tuple[str, str]]]:
     """Features of a few files in memory (queries): no shards. Returns (features or None, skipped)."""
+    if batch_size < 1:
+        raise ExtractionError(f"--batch_size must be >= 1, got {batch_size}")
+    check_num_workers(num_workers)
     settings = extraction_settings(feature_model, select_layer, pool, max_pixels)
     dataset = ImageFiles(paths, feature_model.image_size, max_pixels)
     batches = [list(range(i, min(i + batch_size, len(paths)))) for i in range(0, len(paths), batch_size)]
@@ -484,12 +495,16 @@ def extract_features(
         output = output.with_name(output.name + ".npz")  # as np.savez does
     if batch_size < 1 or shard_size < 1:
         raise ExtractionError(f"--batch_size and --shard_size must be >= 1 (got {batch_size} and {shard_size})")
+    check_num_workers(num_workers)
+    if max_pixels < 1:  # 0 would skip every image as "too large"
+        raise ExtractionError(f"--max_pixels {max_pixels}: must be >= 1 (leave it out for Pillow's bomb limit)")
     if not image_dir.is_dir():
         raise ExtractionError(f"--image_dir {image_dir}: not a directory")
     # Absolute, but not resolved: a symlinked image keeps its own folder, which is its class.
     files = [Path(os.path.abspath(path)) for path in iter_image_files(image_dir)]
     if not files:
         raise ExtractionError(f"--image_dir {image_dir}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    _warn_about_images_in_the_root(image_dir, files)
 
     if feature_model is None:
         if vit_checkpoint is None:
@@ -525,8 +540,10 @@ def extract_features(
                 bar.update(len(batch.indices) + len(batch.failures))
                 if len(writer) >= shard_size or time.monotonic() - writer.started >= shard_seconds:
                     writer.flush()
-    except KeyboardInterrupt:
-        writer.flush()  # keep every finished batch: the same command continues from here
+    except BaseException as err:
+        # Whatever stopped the run (Ctrl-C, SIGTERM, a full GPU, a bug), keep every finished batch:
+        # the same command continues from here.
+        _keep_finished_work(writer, err)
         raise
     finally:
         bar.close()
@@ -545,6 +562,30 @@ def extract_features(
     return ExtractionResult(
         output, feature_set, skipped, len(files), num_reused, report, time.perf_counter() - start
     )
+
+
+def _keep_finished_work(writer: ShardWriter, err: BaseException) -> None:
+    """Flush the buffered results of a run that is stopping, without hiding why it stopped."""
+    try:
+        writer.flush()
+    except Exception as flush_error:  # noqa: BLE001 - the original error matters more
+        logger.warning("could not save the last finished images to %s (%s)", writer.directory, flush_error)
+        return
+    if not isinstance(err, KeyboardInterrupt):  # the CLI says this itself for Ctrl-C
+        logger.warning("stopped by an error; finished images are kept in %s: run the same command again to "
+                       "continue", writer.directory)
+
+
+def _warn_about_images_in_the_root(image_dir: Path, files: list[Path]) -> None:
+    """An image's class is its folder's name, so images directly in --image_dir all get the root
+    folder's name as their class, which is rarely what was meant."""
+    root = Path(os.path.abspath(image_dir))
+    in_root = [path for path in files if path.parent == root]
+    if in_root:
+        logger.warning(
+            "%d of the %d images are directly in --image_dir %s, not in a class folder: their label (class) is "
+            "the root folder's name %r (first: %s)", len(in_root), len(files), image_dir, root.name, in_root[0].name
+        )
 
 
 def _assemble(names: list[str], done: Progress, settings: dict[str, Any]) -> tuple[FeatureSet | None, list[tuple[str, str]]]:

@@ -96,10 +96,37 @@ def to_cpu(index: faiss.Index) -> faiss.Index:
     return index
 
 
+# Search parameters that count something (lists visited, candidates kept): below 1, FAISS fails or
+# silently returns fewer results. Name -> the flag that sets it, for messages.
+_COUNTING_SEARCH_PARAMETERS = {"nprobe": "--nprobe", "efSearch": "--ef_search"}
+
+
+def check_search_parameters(parameters: dict[str, Any]) -> None:
+    """Refuse ``nprobe`` / ``efSearch`` values that are not whole numbers >= 1."""
+    for name, value in parameters.items():
+        flag = _COUNTING_SEARCH_PARAMETERS.get(name)
+        if flag is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise RetrievalIndexError(
+                f"{flag} {value!r}: must be a whole number >= 1 (it counts the "
+                f"{'inverted lists visited' if name == 'nprobe' else 'candidates kept'} per query)"
+            )
+
+
+def count_short_results(ids: np.ndarray, expected: int) -> int:
+    """Queries whose first ``expected`` results hold a missing one (id -1): an approximate index
+    (IVF with a small nprobe, HNSW with a small efSearch) found fewer candidates than asked for."""
+    if expected < 1 or ids.size == 0:
+        return 0
+    return int((ids[:, :expected] < 0).any(axis=1).sum())
+
+
 def set_search_parameters(index: faiss.Index, parameters: dict[str, Any]) -> None:
     """``nprobe`` (IVF), ``efSearch`` (HNSW), ... through FAISS's parameter space."""
     if not parameters:
         return
+    check_search_parameters(parameters)
     is_gpu = "Gpu" in type(index).__name__
     space = faiss.GpuParameterSpace() if is_gpu else faiss.ParameterSpace()
     for name, value in parameters.items():
@@ -267,9 +294,12 @@ class RetrievalIndex:
         progress_bar: bool = True,
     ) -> "RetrievalIndex":
         """Post-process the gallery (PCA, DBA), train the index if its type needs it, add the vectors."""
+        check_search_parameters(search_parameters or {})  # before the (possibly long) build
+        if dba_k < 0:
+            raise RetrievalIndexError(f"--dba {dba_k}: database-side augmentation takes a number of neighbours >= 0 (0 = off)")
         vectors = gallery.features
         pca = None
-        if pca_dimensions:
+        if pca_dimensions is not None:  # 0 is refused by the fit, not taken as "no PCA"
             fit_set = pca_fit if pca_fit is not None else gallery
             if pca_fit is not None:
                 check_compatible(gallery.settings, pca_fit.settings, f"gallery {gallery.source}", f"--pca_fit {pca_fit.source}")
@@ -350,11 +380,7 @@ class RetrievalIndex:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as err:
             raise RetrievalIndexError(f"{meta_path}: unreadable ({err})") from None
-        if meta.get("format") != INDEX_FORMAT or meta.get("version") != INDEX_VERSION:
-            raise RetrievalIndexError(
-                f"{meta_path}: format {meta.get('format')!r} version {meta.get('version')!r}; this vitp reads "
-                f"{INDEX_FORMAT!r} version {INDEX_VERSION}"
-            )
+        _check_meta(meta, meta_path)
         try:
             index = faiss.read_index(str(directory / "index.faiss"))
         except RuntimeError as err:
@@ -369,6 +395,13 @@ class RetrievalIndex:
         if not len(image_paths) == len(labels) == index.ntotal:
             raise RetrievalIndexError(
                 f"{directory}: items.npz lists {len(image_paths)} images but index.faiss holds {index.ntotal} vectors"
+            )
+        expected_dimension = pca.input_dimension if pca is not None else index.d
+        output_dimension = pca.output_dimension if pca is not None else meta["feature_dimension"]
+        if meta["feature_dimension"] != expected_dimension or output_dimension != index.d:
+            raise RetrievalIndexError(
+                f"damaged index {directory}: meta.json says {meta['feature_dimension']}-dimensional features, but "
+                f"the index (and its PCA) take {expected_dimension}"
             )
         meta["path"] = str(directory)
         return cls(index, image_paths, labels, meta, pca, vectors, faiss_device)
@@ -474,9 +507,20 @@ def _train_and_add(index: faiss.Index, vectors: np.ndarray, factory: str, faiss_
     with tqdm(total=len(vectors), unit="vec", desc="index", disable=not progress_bar or len(vectors) <= _ADD_CHUNK_ROWS) as bar:
         for start in range(0, len(vectors), _ADD_CHUNK_ROWS):
             chunk = np.ascontiguousarray(vectors[start : start + _ADD_CHUNK_ROWS], dtype=np.float32)
-            device_index.add(chunk)
+            _add_vectors(device_index, chunk, factory)
             bar.update(len(chunk))
     return to_cpu(device_index)
+
+
+def _add_vectors(index: faiss.Index, chunk: np.ndarray, factory: str) -> None:
+    """``index.add``, with FAISS's refusals (IDMap indexes want ids, ...) as a clear error."""
+    try:
+        index.add(chunk)
+    except RuntimeError as err:
+        raise RetrievalIndexError(
+            f"--factory {factory!r}: FAISS cannot add the gallery vectors to this index ({_faiss_reason(err)}); "
+            f"vitp numbers the gallery itself, so use a factory without IDMap, e.g. 'Flat', 'IVF1024,Flat', 'HNSW32'"
+        ) from None
 
 
 def _database_side_augmentation(
@@ -501,17 +545,69 @@ def _database_side_augmentation(
     return augmented
 
 
+# meta.json keys that an index needs, with the JSON types they must have (None: may be null).
+_META_FIELDS = {
+    "factory": (str,),
+    "feature_dimension": (int,),
+    "stores_vectors": (bool,),
+    "features_file": (str,),
+    "feature_settings": (dict, type(None)),
+    "pca": (dict, type(None)),
+    "dba": (dict, type(None)),
+    "search_parameters": (dict, type(None)),
+}
+
+
+def _check_meta(meta: Any, meta_path: Path) -> None:
+    """Refuse a meta.json that is not what `vitp index build` writes, naming what is wrong."""
+    if not isinstance(meta, dict):
+        raise RetrievalIndexError(f"damaged index: {meta_path} holds a JSON {type(meta).__name__}, not an object")
+    if meta.get("format") != INDEX_FORMAT or meta.get("version") != INDEX_VERSION:
+        raise RetrievalIndexError(
+            f"{meta_path}: format {meta.get('format')!r} version {meta.get('version')!r}; this vitp reads "
+            f"{INDEX_FORMAT!r} version {INDEX_VERSION}"
+        )
+    missing = [key for key in _META_FIELDS if key not in meta]
+    wrong = [
+        f"{key} is {type(meta[key]).__name__}"
+        for key, types in _META_FIELDS.items()
+        if key in meta and (not isinstance(meta[key], types) or (bool not in types and isinstance(meta[key], bool)))
+    ]
+    dba = meta.get("dba")
+    if isinstance(dba, dict) and not (isinstance(dba.get("k"), int) and isinstance(dba.get("alpha"), (int, float))):
+        wrong.append("dba lacks a whole k and a number alpha")
+    if missing or wrong:
+        problems = ([f"missing {', '.join(missing)}"] if missing else []) + wrong
+        raise RetrievalIndexError(
+            f"damaged index: {meta_path}: {'; '.join(problems)}; build the index again with `vitp index build`"
+        )
+
+
 def _source_path(feature_set: FeatureSet) -> str:
     """Where a feature set was read from, as an absolute path (or its description if not from a file)."""
     return os.path.abspath(feature_set.source) if os.path.isfile(feature_set.source) else feature_set.source
+
+
+def check_index_output(directory: Path | str) -> Path:
+    """Refuse, before building, an index directory that could not be written: an existing file or a
+    folder that holds something other than a vitp index, or a path under a file."""
+    directory = Path(directory)
+    if directory.exists():
+        if not directory.is_dir() or (any(directory.iterdir()) and not (directory / "meta.json").is_file()):
+            raise RetrievalIndexError(f"{directory}: exists and is not a vitp index; not overwriting it")
+    for parent in directory.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise RetrievalIndexError(f"--output {directory}: {parent} is a file, not a folder")
+            break
+    return directory
 
 
 def _replace_directory(new: Path, target: Path) -> None:
     """Put ``new`` at ``target``; an existing ``target`` is moved aside first and removed after."""
     old = None
     if target.exists():
-        if not target.is_dir() or (any(target.iterdir()) and not (target / "meta.json").is_file()):
-            raise RetrievalIndexError(f"{target}: exists and is not a vitp index; not overwriting it")
+        check_index_output(target)
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         os.replace(target, old)
     os.replace(new, target)

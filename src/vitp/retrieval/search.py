@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +24,11 @@ from vitp.errors import VitpError
 from vitp.model.vision import VisionConfig
 from vitp.retrieval.feature_file import FeatureSet
 from vitp.retrieval.features import FeatureModel, embed_files, load_feature_model
-from vitp.retrieval.index import RetrievalIndex
+from vitp.retrieval.index import RetrievalIndex, count_short_results
 from vitp.retrieval.pictures import SheetRow, write_contact_sheet
 from vitp.tensor_io import atomic_path
+
+logger = logging.getLogger("vitp")
 
 OUTPUT_FORMATS = (".json", ".csv")
 
@@ -83,22 +86,28 @@ class SearchResults:
                     writer.writerow([row["query"], row["query_label"], result["rank"], result["path"],
                                      result["label"], f"{result['score']:.6f}"])
             text = buffer.getvalue()
-        path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             tmp.write_text(text, encoding="utf-8")
         return path
 
-    def lines(self, limit: int) -> list[str]:
+    def lines(self, limit: int, written: bool = False) -> list[str]:
+        """The first ``limit`` queries and their results; ``written``: all of them go to --output files."""
+        if limit < 0:
+            raise SearchError(f"--show {limit}: must be >= 0 (the number of queries printed)")
         out = []
         for row in self.rows()[:limit]:
             out.append(f"query {row['query']}")
             for result in row["results"]:
                 out.append(f"  {result['rank']:>3}  {result['score']:.4f}  {result['label']:<16}  {result['path']}")
         if len(self.query_paths) > limit:
-            out.append(f"... {len(self.query_paths) - limit} more queries (all of them are in the --output files)")
+            where = "all of them are in the --output files" if written else "write all of them with --output"
+            out.append(f"... {len(self.query_paths) - limit} more queries ({where}; print more with --show)")
         return out
 
     def contact_sheet(self, path: Path, limit: int, thumbnail: int = 128) -> Path:
+        """The first ``limit`` queries drawn with their results (see :func:`write_contact_sheet`)."""
+        if limit < 1:
+            raise SearchError(f"--show {limit}: the contact sheet draws the first --show queries, so it needs >= 1")
         known = set(map(str, self.gallery_labels))
         rows = [
             SheetRow(
@@ -174,6 +183,16 @@ def embed_queries(
     return queries, skipped
 
 
+def _warn_about_short_results(index: RetrievalIndex, ids: np.ndarray, k: int) -> None:
+    expected = min(k, len(index))
+    short = count_short_results(ids, expected)
+    if short:
+        logger.warning(
+            "%d of the %d queries got fewer than %d results: %s found fewer candidates than asked for (raise "
+            "--nprobe for an IVF index, --ef_search for HNSW)", short, len(ids), expected, index.describe()
+        )
+
+
 def search_index(
     index: RetrievalIndex,
     queries: FeatureSet,
@@ -187,10 +206,13 @@ def search_index(
     """Top-k of each query (checked against the index's settings first)."""
     if k < 1:
         raise SearchError(f"-k must be >= 1, got {k}")
+    if qe_k < 0:
+        raise SearchError(f"--qe {qe_k}: query expansion takes a number of neighbours >= 0 (0 = off)")
     index.check_queries(queries.settings, queries.dimension, f"query features {queries.source}")
     if search_parameters:
         index.set_search_parameters(search_parameters)
     scores, ids, _ = index.search(index.prepare_queries(queries.features), k, qe_k=qe_k, qe_alpha=qe_alpha)
+    _warn_about_short_results(index, ids, k)
     return SearchResults(
         index_path=index.name,
         k=k,
