@@ -90,7 +90,12 @@ def test_openapi_documents_the_api(client):
     schema = client.get("/openapi.json").json()
     assert {"/api/search", "/api/search/gallery", "/api/health", "/api/thumbnail", "/api/gallery"} <= set(schema["paths"])
     assert "multipart/form-data" in schema["paths"]["/api/search"]["post"]["requestBody"]["content"]
-    assert client.get("/docs").status_code == 200
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "/openapi.json" in docs.text
+    assets = re.findall(r"""(?:src|href)=['"]([^'"]+)['"]""", docs.text)
+    assert assets and all(url.startswith("/docs-assets/") for url in assets), assets  # no CDN: works offline
+    for url in assets:
+        assert client.get(url).status_code == 200, url
 
 
 # --------------------------------------------------------------------------------------------------

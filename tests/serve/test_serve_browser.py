@@ -184,3 +184,15 @@ def test_page_searches_by_upload_and_by_gallery_click(server, browser, served_ga
     assert not elsewhere, f"the page requested other hosts: {elsewhere}"
     # The only console error allowed is the browser's own note on the refused upload.
     assert all("status of 415" in error for error in console_errors), json.dumps(console_errors, indent=2)
+
+
+def test_api_docs_render_without_the_internet(server, browser):
+    """Swagger UI at /docs comes from a package, not a CDN: it renders on an air-gapped cluster."""
+    requests = []
+    server_host = urlsplit(server.url).netloc
+    page = browser.new_page()
+    page.on("request", lambda request: requests.append(request.url))
+    page.goto(server.url.rstrip("/") + "/docs")
+    expect(page.get_by_text("/api/search/gallery").first).to_be_visible()
+    elsewhere = [url for url in requests if urlsplit(url).scheme not in ("blob", "data") and urlsplit(url).netloc != server_host]
+    assert not elsewhere, f"/docs requested other hosts: {elsewhere}"

@@ -6,7 +6,9 @@
 * ``GET  /api/gallery``         the gallery, a page at a time; ``GET /api/classes`` its classes
 * ``GET  /api/thumbnail``       a JPEG thumbnail of a gallery image (any other path: 404)
 * ``GET  /api/health``          liveness, with what is being served and the limits
-* ``/docs``, ``/openapi.json``  FastAPI's usual OpenAPI documentation
+* ``/docs``, ``/openapi.json``  FastAPI's usual OpenAPI documentation, Swagger UI's assets served by the
+  ``fastapi-offline`` package instead of a CDN (air-gapped clusters see it too); no ReDoc page, whose
+  script fetches its logo from redoc.ly
 
 Errors are JSON ``{"detail": "<message>"}`` with a 4xx status saying what was wrong with the request.
 """
@@ -22,6 +24,7 @@ from urllib.parse import quote
 from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field
 
 import vitp
@@ -199,7 +202,10 @@ def create_app(
     engine: SearchEngine, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_k: int = DEFAULT_MAX_K
 ) -> FastAPI:
     """The web application over a ready :class:`SearchEngine`."""
-    app = FastAPI(
+    app = FastAPIOffline(  # a FastAPI app whose /docs loads its assets from this server
+        static_url="/docs-assets",
+        redoc_url=None,
+        swagger_ui_parameters={"validatorUrl": None},  # Swagger UI's default badge asks validator.swagger.io
         title="vitp retrieval",
         version=vitp.__version__,
         description=(
