@@ -56,13 +56,15 @@ def test_each_kind_of_bad_file_is_skipped_and_reported(image_tree, vit_file, tmp
     data = good.read_bytes()
     (image_tree / "square" / "truncated.png").write_bytes(data[: len(data) // 2])
     Image.new("RGB", (200, 150)).save(image_tree / "stripes" / "huge.png")  # over the limit set below
+    (image_tree / "stripes" / "gone.png").symlink_to(image_tree / "stripes" / "deleted-target.png")
 
     result = extract_features(
         image_tree, tmp_path / "g.npz", vit_file, max_pixels=20_000, num_workers=2, progress_bar=False, device="cpu"
     )
     reasons = {path.rsplit("/", 1)[-1]: reason for path, reason in result.skipped}
-    assert set(reasons) == {"empty.png", "text.jpg", "truncated.png", "huge.png"}
+    assert set(reasons) == {"empty.png", "text.jpg", "truncated.png", "huge.png", "gone.png"}
     assert reasons["empty.png"] == "empty file"
+    assert reasons["gone.png"].startswith("cannot read (No such file")  # a dangling link is reported, not lost
     assert reasons["text.jpg"].startswith("not an image")
     assert reasons["truncated.png"].startswith("corrupt or truncated")
     assert reasons["huge.png"].startswith("too large")
@@ -70,7 +72,7 @@ def test_each_kind_of_bad_file_is_skipped_and_reported(image_tree, vit_file, tmp
     report = (tmp_path / "g.skipped.txt").read_text().splitlines()
     assert sorted(line.split("\t")[0].rsplit("/", 1)[-1] for line in report) == sorted(reasons)
     # A later clean run removes the stale report.
-    for name in ("disk/empty.png", "disk/text.jpg", "square/truncated.png", "stripes/huge.png"):
+    for name in ("disk/empty.png", "disk/text.jpg", "square/truncated.png", "stripes/huge.png", "stripes/gone.png"):
         (image_tree / name).unlink()
     extract_features(image_tree, tmp_path / "g.npz", vit_file, **FAST)
     assert not (tmp_path / "g.skipped.txt").exists()

@@ -175,14 +175,21 @@ def dynamic_preprocess(
 
 
 def iter_image_files(root: Path | str) -> Iterator[Path]:
-    """Image files under ``root``, recursively, in a stable (sorted) order; hidden entries skipped."""
+    """Image files under ``root``, recursively, in a stable (sorted) order; hidden entries skipped.
+
+    A symbolic link with an image name whose target is gone (or a link loop) is listed too: loading it
+    fails with the reason, so it is reported among the skipped files instead of vanishing silently."""
     root = Path(root)
     for path in sorted(root.rglob("*")):
         relative = path.relative_to(root)
         if any(part.startswith(".") for part in relative.parts):
             continue
-        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
+        if path.suffix.lower() in IMAGE_EXTENSIONS and (path.is_file() or _is_broken_link(path)):
             yield path
+
+
+def _is_broken_link(path: Path) -> bool:
+    return path.is_symlink() and not path.exists()  # exists() follows the link: False if gone or looping
 
 
 def pixel_values(tiles: list[Image.Image], image_size: int) -> torch.Tensor:
