@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import typing
 from pathlib import Path
 
@@ -27,8 +26,7 @@ def _add_config_fields(parser: argparse.ArgumentParser) -> None:
 
     hints = typing.get_type_hints(PretrainConfig)
     for field in dataclasses.fields(PretrainConfig):
-        kind = hints[field.name]
-        base = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
+        base = _flag_type(hints[field.name])
         default = None if field.default is dataclasses.MISSING else field.default
         shown = f" (default: {default})" if default not in (None, "") else ""
         if base is bool:
@@ -36,6 +34,11 @@ def _add_config_fields(parser: argparse.ArgumentParser) -> None:
                                 help=f"true/false{shown}")
         else:
             parser.add_argument(f"--{field.name}", type=base, default=argparse.SUPPRESS, help=shown.strip() or None)
+
+
+def _flag_type(annotation: object) -> type:
+    """``int`` for ``int``, ``str`` for ``str | None``: the type a flag's value is converted to."""
+    return next((a for a in typing.get_args(annotation) if a is not type(None)), annotation)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -97,15 +100,14 @@ def _setting(value: object, kind: object, where: str) -> object:
     """One config-file value as the type its flag has; a clear error when it cannot be one."""
     from vitp.errors import ConfigError
 
-    optional = type(None) in typing.get_args(kind)
-    base = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
+    base = _flag_type(kind)
     if value is None:
-        if optional:
+        if type(None) in typing.get_args(kind):
             return None
         raise ConfigError(f"{where}: a value is required ({base.__name__})")
     try:
         if base is bool:
-            return value if isinstance(value, bool) else _bool(str(value))
+            return _bool(value)  # the flag's own parser: true/false/yes/no/1/0, YAML booleans too
         if base in (int, float) and isinstance(value, bool):
             raise ValueError("a boolean is not a number")
         if base is int and isinstance(value, float) and not value.is_integer():
@@ -117,7 +119,7 @@ def _setting(value: object, kind: object, where: str) -> object:
 
 def _run_pretrain(args: argparse.Namespace) -> int:
     from vitp.errors import ConfigError
-    from vitp.train.pretrain import PretrainConfig, pretrain
+    from vitp.train.pretrain import PretrainConfig, is_main_process, pretrain
 
     values = load_config_file(args.config) if args.config else {}
     fields = {f.name for f in dataclasses.fields(PretrainConfig)}
@@ -126,7 +128,7 @@ def _run_pretrain(args: argparse.Namespace) -> int:
         if not values.get(required):
             raise ConfigError(f"--{required} is required (on the command line or in --config)")
     output = pretrain(PretrainConfig(**values))
-    if int(os.environ.get("RANK", "0")) == 0:  # once, not per torchrun process
+    if is_main_process():  # once, not per torchrun process
         print(f"model written to {output} (transformers InternVL directory); loss curve {output / 'loss.png'}")
     return 0
 

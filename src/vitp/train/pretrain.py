@@ -31,10 +31,11 @@ from vitp.data.check import validate_data_settings
 from vitp.data.dataset import Collator, InstructionDataset, data_settings
 from vitp.data.meta import read_meta, require_samples_per_epoch
 from vitp.data.tokenizer import load_tokenizer
-from vitp.errors import ConfigError
+from vitp.errors import ConfigError, WeightFormatError
 from vitp.model.checkpoint import build_vlm, load_vlm, load_vlm_weights, save_vlm
 from vitp.model.tmaug import TMAugConfig
 from vitp.model.vlm import VisionLanguageModel
+from vitp.tensor_io import open_tensor_source
 from vitp.train.plots import plot_loss_curve
 
 logger = logging.getLogger("vitp")
@@ -93,14 +94,14 @@ class PretrainConfig:
     overwrite_output_dir: bool = False
 
     def __post_init__(self) -> None:
-        """Refuse values the Trainer would misread (max_steps -1 means 3 epochs to it) or fail on late."""
+        """Refuse values the Trainer would misread (max_steps -1 means 3 epochs to it) or fail on late.
+        The data flags are checked by vitp.data.check.validate_data_settings, as for `vitp data check`,
+        once the model says the tile size; force_image_size here because the model is built with it."""
         at_least_one = ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "save_steps",
-                        "logging_steps", "min_dynamic_patch", "max_seq_length")
+                        "logging_steps")
         for name in at_least_one:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
-        if self.max_dynamic_patch < self.min_dynamic_patch:
-            raise ConfigError(f"--max_dynamic_patch {self.max_dynamic_patch} is below --min_dynamic_patch {self.min_dynamic_patch}")
         if self.force_image_size is not None and self.force_image_size < 1:
             raise ConfigError(f"--force_image_size must be a positive number of pixels, got {self.force_image_size}")
         if self.save_total_limit is not None and self.save_total_limit < 1:
@@ -131,7 +132,7 @@ def pretrain(config: PretrainConfig) -> Path:
     check_parallelism(config)
     output = prepare_output_dir(config)
     resume = resume_checkpoint(config)
-    done = resume is not None and finished(resume, config.max_steps)
+    done = resume is not None and global_step(resume) >= config.max_steps
     if done:  # a re-run of a finished run: training on would step past --max_steps and rotate checkpoints out
         logger.warning("%s already reached --max_steps %d: nothing to train (raise --max_steps to go on)",
                        resume, config.max_steps)
@@ -141,7 +142,7 @@ def pretrain(config: PretrainConfig) -> Path:
     model, tokenizer = load_model(config)
     if done:  # the run was stopped after its last checkpoint, before the final save: write it from there
         load_vlm_weights(model, Path(resume))
-        if int(os.environ.get("RANK", "0")) == 0:
+        if is_main_process():
             save_vlm(model, output, tokenizer)
         return output
     model.freeze(llm=config.freeze_llm, backbone=config.freeze_backbone, mlp=config.freeze_mlp)
@@ -260,13 +261,18 @@ def prepare_output_dir(config: PretrainConfig) -> Path:
     output = Path(config.output_dir)
     if output.exists() and not output.is_dir():
         raise ConfigError(f"--output_dir {output} is a file, not a directory")
-    if config.overwrite_output_dir and int(os.environ.get("RANK", "0")) == 0:
+    if config.overwrite_output_dir and is_main_process():
         for old in checkpoints(output):
             shutil.rmtree(old)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     output.mkdir(parents=True, exist_ok=True)
     return output
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun launch (or the only process), before the Trainer exists to say so."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def checkpoints(output: Path) -> list[Path]:
@@ -298,38 +304,26 @@ def checkpoint_problem(directory: Path) -> str | None:
     """Why a checkpoint cannot be resumed from (a save interrupted by a kill), or None."""
     if not directory.is_dir():
         return "not a directory"
-    try:
-        json.loads((directory / TRAINER_STATE).read_text(encoding="utf-8"))["global_step"]
-    except (OSError, ValueError, KeyError, TypeError):
+    if global_step(directory) is None:
         return f"{TRAINER_STATE} is missing or unreadable (the save was interrupted)"
     weights = directory / "model.safetensors"
     if weights.is_file():
-        problem = safetensors_problem(weights)
-        if problem:
-            return problem
+        try:
+            open_tensor_source(weights)  # safetensors checks that the data covers what the header names
+        except WeightFormatError as err:
+            return f"{weights.name} is truncated or unreadable ({err})"
     optimizer = directory / "optimizer.pt"
     if optimizer.exists() and optimizer.stat().st_size == 0:
         return "optimizer.pt is empty (the save was interrupted)"
     return None
 
 
-def safetensors_problem(path: Path) -> str | None:
-    """A truncated safetensors file: its header names more bytes than the file has."""
+def global_step(checkpoint: str | Path) -> int | None:
+    """The step a checkpoint was saved at, from its trainer state; None if that is missing or unreadable."""
     try:
-        with open(path, "rb") as handle:
-            header_size = int.from_bytes(handle.read(8), "little")
-            header = json.loads(handle.read(header_size))
-        end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
-    except (OSError, ValueError, KeyError, TypeError, IndexError):
-        return f"{path.name} has no readable header"
-    if path.stat().st_size < 8 + header_size + end:
-        return f"{path.name} is truncated ({path.stat().st_size} bytes, its header needs {8 + header_size + end})"
-    return None
-
-
-def finished(checkpoint: str, max_steps: int) -> bool:
-    state = json.loads((Path(checkpoint) / TRAINER_STATE).read_text(encoding="utf-8"))
-    return int(state["global_step"]) >= max_steps
+        return int(json.loads((Path(checkpoint) / TRAINER_STATE).read_text(encoding="utf-8"))["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 class VitpTrainer(Trainer):
