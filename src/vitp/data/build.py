@@ -32,7 +32,7 @@ from typing import Any
 from tqdm import tqdm
 
 from vitp.data.images import ImageError, iter_image_files, load_image
-from vitp.data.meta import IMAGE_PLACEHOLDER
+from vitp.data.meta import IMAGE_PLACEHOLDER, MetaError, load_meta_json
 from vitp.errors import VitpError
 from vitp.tensor_io import write_json, write_text
 
@@ -377,8 +377,13 @@ def drop_unreadable_images(classes: dict[str, list[Path]], progress: bool) -> tu
 
 def holdout_count(size: int, fraction: float) -> int:
     """Images of a class to hold out: the fraction of ``size`` rounded down. As the fraction is below 1,
-    that leaves every class at least one training image. Decimal, so that 0.29 of 100 is 29, not 28."""
-    return math.floor(Decimal(str(float(fraction))) * size)
+    that leaves every class at least one training image."""
+    return math.floor(_share(size, fraction))
+
+
+def _share(size: int, fraction: float) -> Decimal:
+    """``fraction`` of ``size``, exactly: Decimal, so that 0.29 of 100 is 29, not 28.99..."""
+    return Decimal(str(float(fraction))) * size
 
 
 Items = list[tuple[Path, str]]  # (image path, class folder)
@@ -400,8 +405,8 @@ def split_holdout(
 
 def holdout_note(classes: dict[str, list[Path]], per_class: dict[str, int], fraction: float) -> list[str]:
     """The held-out counts, when rounding down (small classes) made them differ from the fraction asked for."""
-    exact = all(Decimal(str(float(fraction))) * len(classes[label]) == count for label, count in per_class.items())
-    if fraction == 0 or exact:
+    exact = all(_share(len(classes[label]), fraction) == count for label, count in per_class.items())
+    if exact:  # also with fraction 0: nothing held out, as asked
         return []
     counts = ", ".join(f"{label} {count} of {len(classes[label])}" for label, count in per_class.items())
     return [f"held out per class: {counts} (--holdout_fraction {fraction} rounded down; "
@@ -421,10 +426,10 @@ def previous_split_files(output_dir: Path, name: str) -> set[Path]:
 
 def _vitp_annotations(meta_path: Path, split: str) -> set[Path]:
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        meta = load_meta_json(meta_path)  # a JSON object with at least one entry
+    except MetaError:
         return set()
-    if not isinstance(meta, dict) or len(meta) != 1:
+    if len(meta) != 1:
         return set()
     (key, entry), = meta.items()
     built_here = isinstance(entry, dict) and entry.get("annotation") == f"{key}.jsonl" and "/" not in key
@@ -526,25 +531,27 @@ def build_instructions(
 
     previous = previous_split_files(output_dir, name)
     writer = ConversationWriter(list(classes), rng)
-    files, images = [], []
+    files = []
     for split, items in (("", train), ("_holdout", holdout)):
         if items:
             files += write_split(items, split, writer, read.attributes, image_dir, output_dir, name, data_augment)
-            images += [path.relative_to(image_dir).as_posix() for path, _ in items]
+    images = {path.relative_to(image_dir).as_posix() for path, _ in train + holdout}
+    unmatched = read.attributes.keys() - images  # metadata entries that name no image
+    without = images - read.attributes.keys() if metadata else set()  # images that no entry names
     result = BuildResult(
         files=files,
         classes={label: len(paths) for label, paths in classes.items()},
         train=len(train),
         holdout=len(holdout),
         skipped=skipped,
-        unmatched_metadata=len(read.attributes.keys() - set(images)),
+        unmatched_metadata=len(unmatched),
         holdout_per_class=holdout_per_class,
         dropped_classes=dropped,
-        without_metadata=len(set(images) - read.attributes.keys()) if metadata else 0,
+        without_metadata=len(without),
         missing_metadata_values=read.missing_values,
         removed=remove_stale_splits(previous, files),
     )
-    result.notes = summary_notes(result, classes, holdout_fraction, read, images)
+    result.notes = summary_notes(result, classes, holdout_fraction, images, unmatched, without)
     return result
 
 
@@ -571,18 +578,21 @@ def write_split(items, split, writer, attributes, image_dir, output_dir, name, d
 
 
 def summary_notes(
-    result: BuildResult, classes: dict[str, list[Path]], holdout_fraction: float, read: Metadata, images: list[str]
+    result: BuildResult, classes: dict[str, list[Path]], holdout_fraction: float,
+    images: set[str], unmatched: set[str], without: set[str],
 ) -> list[str]:
-    """What a user should know beyond the counts: anything left out or adjusted, with an example."""
+    """What a user should know beyond the counts: anything left out or adjusted, with an example.
+    ``images``: the images written; ``unmatched``: metadata entries naming none; ``without``: images
+    no metadata entry names."""
     notes = holdout_note(classes, result.holdout_per_class, holdout_fraction)
     if result.dropped_classes:
         notes.append(f"dropped class folder(s) without a readable image: {', '.join(result.dropped_classes)}")
     if result.without_metadata:
-        example = min(set(images) - read.attributes.keys())
+        example = min(without)
         notes.append(f"{result.without_metadata} image(s) have no metadata row (e.g. {example}), "
                      "so no attribute questions")
     if result.unmatched_metadata:
-        example = min(read.attributes.keys() - set(images))
+        example = min(unmatched)
         notes.append(f"e.g. metadata entry {example} matched no image (entries name images relative to the "
                      f"image folder, like {min(images)})")
     if result.missing_metadata_values:

@@ -90,9 +90,8 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerFast, directory: str | Path) ->
 def train_tokenizer_on_meta(meta_path: str | Path, vocab_size: int = 400) -> tuple[PreTrainedTokenizerFast, Counter]:
     """A tokenizer over the conversations of a meta file, and the skipped lines counted by kind.
     TokenizerError, saying how many lines were skipped and why, if no usable text was found."""
-    check_vocab_size(vocab_size)  # before reading any data
     skipped: Counter = Counter()
-    try:
+    try:  # train_tokenizer checks vocab_size before it pulls the first text from the (lazy) generator
         tokenizer = train_tokenizer(conversation_texts(meta_path, skipped), vocab_size=vocab_size)
     except NoTextError:
         found = f"skipped {skipped_summary(skipped)}" if skipped else "no line of the annotation files has any text"
