@@ -156,14 +156,19 @@ def check_output_path(path: Path | str, flag: str = "--output") -> Path:
     path = Path(path)
     if path.is_dir():
         raise OutputPathError(f"{flag} {path}: is a directory; give the name of a file to write")
-    for parent in path.parents:
+    check_parent_folders(path, flag)
+    return path
+
+
+def check_parent_folders(path: Path, flag: str = "--output") -> None:
+    """Refuse a path whose nearest existing parent is a file, or a folder this process cannot write in."""
+    for parent in Path(path).parents:
         if parent.exists() or parent.is_symlink():
             if not parent.is_dir():
                 raise OutputPathError(f"{flag} {path}: {parent} is a file, not a folder")
             if not os.access(parent, os.W_OK | os.X_OK):
                 raise OutputPathError(f"{flag} {path}: no permission to write in {parent}")
-            break
-    return path
+            return
 
 
 def make_parent_folder(path: Path) -> None:

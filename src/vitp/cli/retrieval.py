@@ -200,11 +200,12 @@ def _run_index_build(args: argparse.Namespace) -> int:
     from vitp.retrieval.index import RetrievalIndex, check_index_output
 
     check_index_output(args.output)  # before the (possibly long) build
+    search_parameters = _search_parameters(args)
     gallery = load_features(args.features)
     index = RetrievalIndex.build(
         gallery, args.factory, pca_dimensions=args.pca, whiten=args.whiten,
         pca_fit=load_features(args.pca_fit) if args.pca_fit else None, dba_k=args.dba, dba_alpha=args.dba_alpha,
-        search_parameters=_search_parameters(args), faiss_device=args.faiss_device, progress_bar=_progress(args),
+        search_parameters=search_parameters, faiss_device=args.faiss_device, progress_bar=_progress(args),
     )
     path = index.save(args.output)
     print(f"built {index.describe()}")
@@ -263,20 +264,19 @@ def _run_search(args: argparse.Namespace) -> int:
     from vitp.retrieval.feature_file import load_features
     from vitp.retrieval.index import RetrievalIndex
     from vitp.retrieval.pictures import picture_format
-    from vitp.retrieval.search import SearchError, embed_queries, search_index
+    from vitp.retrieval.search import SearchError, check_show, embed_queries, output_format, search_index
     from vitp.tensor_io import check_output_path
 
-    for output in args.output:  # refuse a bad --output before the (possibly long) search
-        if not output.lower().endswith((".json", ".csv")):
-            raise SearchError(f"--output {output}: use a name ending in .json or .csv")
+    # Refuse bad flags before the index is loaded and any query embedded.
+    search_parameters = _search_parameters(args)
+    for output in args.output:
+        output_format(output)
         check_output_path(output)
-    if args.show < 0:
-        raise SearchError(f"--show {args.show}: must be >= 0 (the number of queries printed)")
+    check_show(args.show)
     if args.contact_sheet:
         check_output_path(args.contact_sheet, "--contact_sheet")
         picture_format(args.contact_sheet, "--contact_sheet")
-        if args.show < 1:
-            raise SearchError(f"--show {args.show}: the contact sheet draws the first --show queries, so it needs >= 1")
+        check_show(args.show, contact_sheet=True)
     index = RetrievalIndex.load(args.index, faiss_device=args.faiss_device)
     skipped = []
     if args.image:
@@ -290,7 +290,7 @@ def _run_search(args: argparse.Namespace) -> int:
     else:
         queries = load_features(args.query_features)
     results = search_index(index, queries, args.k, qe_k=args.qe, qe_alpha=args.qe_alpha,
-                           search_parameters=_search_parameters(args), skipped=skipped)
+                           search_parameters=search_parameters, skipped=skipped)
     print("\n".join(results.lines(args.show, written=bool(args.output))))
     for path, reason in skipped:
         print(f"skipped query {path}: {reason}")
@@ -341,7 +341,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from vitp.retrieval.pictures import picture_format, write_class_chart
     from vitp.tensor_io import check_output_path, write_json
 
-    if args.output:  # refused before the evaluation, not after it
+    search_parameters = _search_parameters(args)  # refused before the evaluation, not after it
+    if args.output:
         check_output_path(args.output)
     if args.plot:
         check_output_path(args.plot, "--plot")
@@ -353,7 +354,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         queries, gallery, index=index, top_k=args.top_k, leave_one_out=args.leave_one_out, factory=args.factory,
         pca_dimensions=args.pca, whiten=args.whiten, pca_fit=load_features(args.pca_fit) if args.pca_fit else None,
         dba_k=args.dba, dba_alpha=args.dba_alpha, qe_k=args.qe, qe_alpha=args.qe_alpha,
-        search_parameters=_search_parameters(args), full_map=not args.no_full_map, faiss_device=args.faiss_device,
+        search_parameters=search_parameters, full_map=not args.no_full_map, faiss_device=args.faiss_device,
         progress_bar=_progress(args),
     )
     print("\n".join(report.summary_lines()))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from vitp.cli.retrieval import DEVICES_HELP, DTYPES
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this stage's subcommands."""
@@ -22,8 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="address to listen on (default: %(default)s; 0.0.0.0 = every interface)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: %(default)s; 0 = any free port)")
     parser.add_argument("--vit_checkpoint", help="the gallery's ViT checkpoint, if it moved since the index was built")
-    parser.add_argument("--device", default="auto", help="where the ViT runs: auto (cuda if available), cpu, cuda, cuda:N")
-    parser.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"),
+    parser.add_argument("--device", default="auto", help=f"where the ViT runs: {DEVICES_HELP}")
+    parser.add_argument("--dtype", choices=DTYPES,
                         help="ViT precision (default: the gallery's)")
     parser.add_argument("--faiss_device", choices=("auto", "cpu", "gpu"), default="auto",
                         help="where FAISS searches (default: %(default)s)")
@@ -44,8 +46,6 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:  # else the OS takes the port modulo 65536, or blames the host
         raise VitpError(f"--port {args.port}: must be between 0 and 65535 (0 = any free port)")
-    if args.max_pixels is not None and args.max_pixels < 1:  # 0 would otherwise mean "the default"
-        raise VitpError(f"--max_pixels {args.max_pixels}: must be >= 1 (leave it out for the gallery's limit)")
     try:
         from vitp.serve.server import run_server
     except ModuleNotFoundError as err:

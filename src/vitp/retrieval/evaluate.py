@@ -24,7 +24,7 @@ import numpy as np
 from vitp.errors import VitpError
 from vitp.retrieval import metrics
 from vitp.retrieval.feature_file import FeatureSet
-from vitp.retrieval.index import RetrievalIndex, count_short_results
+from vitp.retrieval.index import RetrievalIndex, check_query_expansion, count_short_results
 
 logger = logging.getLogger("vitp")
 
@@ -176,8 +176,7 @@ def evaluate_retrieval(
     top_k = sorted(set(int(k) for k in top_k))
     if not top_k or top_k[0] < 1:
         raise EvaluationError(f"--top_k values must be >= 1, got {top_k}")
-    if qe_k < 0 or dba_k < 0:
-        raise EvaluationError("--qe and --dba take a number of neighbours >= 0")
+    check_query_expansion(qe_k)  # before the (possibly long) build; --dba is checked by the build
 
     if index is None:
         if gallery is None:

@@ -32,6 +32,7 @@ import vitp
 from vitp.errors import VitpError
 from vitp.retrieval.feature_file import FeatureSet, check_compatible, write_npz
 from vitp.retrieval.rerank import PCAWhitening, l2_normalise, weighted_expansion
+from vitp.tensor_io import check_parent_folders, make_parent_folder
 
 logger = logging.getLogger("vitp")
 
@@ -112,6 +113,12 @@ def check_search_parameters(parameters: dict[str, Any]) -> None:
                 f"{flag} {value!r}: must be a whole number >= 1 (it counts the "
                 f"{'inverted lists visited' if name == 'nprobe' else 'candidates kept'} per query)"
             )
+
+
+def check_query_expansion(qe_k: int) -> None:
+    """Refuse a negative number of query-expansion neighbours (0 = off)."""
+    if qe_k < 0:
+        raise RetrievalIndexError(f"--qe {qe_k}: query expansion takes a number of neighbours >= 0 (0 = off)")
 
 
 def count_short_results(ids: np.ndarray, expected: int) -> int:
@@ -258,10 +265,11 @@ class RetrievalIndex:
         self.meta = meta
         self.name = meta.get("path", "the index")  # for messages: the directory, or the features it was built from
         self.pca = pca
+        flat = _flat_storage(index)
         # Exact gallery vectors: given, or viewed in a flat index's storage; None = reconstruct from FAISS.
-        self._vectors = vectors if vectors is not None else _flat_storage(index)
+        self._vectors = vectors if vectors is not None else flat
         # A flat index searched on the CPU goes through exact_search over its own storage.
-        self._exact = _flat_storage(index) if self.index is index else None
+        self._exact = flat if self.index is index else None
         set_search_parameters(self.index, meta.get("search_parameters") or {})
 
     def __len__(self) -> int:
@@ -348,7 +356,7 @@ class RetrievalIndex:
     def save(self, directory: Path | str) -> Path:
         """Write the index directory atomically: built beside it, then renamed into place."""
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
+        make_parent_folder(directory)
         building = directory.with_name(f".{directory.name}.building-{os.getpid()}")
         shutil.rmtree(building, ignore_errors=True)
         building.mkdir()
@@ -440,6 +448,7 @@ class RetrievalIndex:
 
         Returns the final query vectors too (expanded, if QE was asked for), for full-ranking metrics.
         """
+        check_query_expansion(qe_k)
         k = min(k, len(self))
         scores, ids = self.top_k(queries, max(k, qe_k), exclude)
         if qe_k:
@@ -595,11 +604,7 @@ def check_index_output(directory: Path | str) -> Path:
     if directory.exists():
         if not directory.is_dir() or (any(directory.iterdir()) and not (directory / "meta.json").is_file()):
             raise RetrievalIndexError(f"{directory}: exists and is not a vitp index; not overwriting it")
-    for parent in directory.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise RetrievalIndexError(f"--output {directory}: {parent} is a file, not a folder")
-            break
+    check_parent_folders(directory)
     return directory
 
 

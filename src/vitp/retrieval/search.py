@@ -37,6 +37,22 @@ class SearchError(VitpError):
     """A search that cannot be run as asked."""
 
 
+def output_format(path: Path | str) -> str:
+    """The results format of an --output file, by its suffix: ``.json`` or ``.csv``."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in OUTPUT_FORMATS:
+        raise SearchError(f"--output {path}: unknown format; use a name ending in {' or '.join(OUTPUT_FORMATS)}")
+    return suffix
+
+
+def check_show(limit: int, contact_sheet: bool = False) -> None:
+    """Refuse a --show that prints (or, for the contact sheet, draws) no sensible number of queries."""
+    if limit < 0:
+        raise SearchError(f"--show {limit}: must be >= 0 (the number of queries printed)")
+    if contact_sheet and limit < 1:
+        raise SearchError(f"--show {limit}: the contact sheet draws the first --show queries, so it needs >= 1")
+
+
 @dataclass
 class SearchResults:
     index_path: str
@@ -73,9 +89,7 @@ class SearchResults:
     def write(self, path: Path) -> Path:
         """JSON (everything) or CSV (one line per query and rank), by the file's suffix; atomically."""
         path = Path(path)
-        if path.suffix.lower() not in OUTPUT_FORMATS:
-            raise SearchError(f"--output {path}: unknown format; use a name ending in {' or '.join(OUTPUT_FORMATS)}")
-        if path.suffix.lower() == ".json":
+        if output_format(path) == ".json":
             text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
         else:
             buffer = io.StringIO()
@@ -92,8 +106,7 @@ class SearchResults:
 
     def lines(self, limit: int, written: bool = False) -> list[str]:
         """The first ``limit`` queries and their results; ``written``: all of them go to --output files."""
-        if limit < 0:
-            raise SearchError(f"--show {limit}: must be >= 0 (the number of queries printed)")
+        check_show(limit)
         out = []
         for row in self.rows()[:limit]:
             out.append(f"query {row['query']}")
@@ -106,8 +119,7 @@ class SearchResults:
 
     def contact_sheet(self, path: Path, limit: int, thumbnail: int = 128) -> Path:
         """The first ``limit`` queries drawn with their results (see :func:`write_contact_sheet`)."""
-        if limit < 1:
-            raise SearchError(f"--show {limit}: the contact sheet draws the first --show queries, so it needs >= 1")
+        check_show(limit, contact_sheet=True)
         known = set(map(str, self.gallery_labels))
         rows = [
             SheetRow(
@@ -206,8 +218,6 @@ def search_index(
     """Top-k of each query (checked against the index's settings first)."""
     if k < 1:
         raise SearchError(f"-k must be >= 1, got {k}")
-    if qe_k < 0:
-        raise SearchError(f"--qe {qe_k}: query expansion takes a number of neighbours >= 0 (0 = off)")
     index.check_queries(queries.settings, queries.dimension, f"query features {queries.source}")
     if search_parameters:
         index.set_search_parameters(search_parameters)

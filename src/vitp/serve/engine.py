@@ -150,7 +150,7 @@ class SearchEngine:
         settings = index.feature_settings or {}
         self.index = index
         self.feature_model = feature_model
-        self.max_pixels = max_pixels or settings.get("max_pixels", DEFAULT_MAX_PIXELS)
+        self.max_pixels = max_pixels if max_pixels is not None else settings.get("max_pixels", DEFAULT_MAX_PIXELS)
         self.query_settings = extraction_settings(feature_model, settings["select_layer"], settings["pool"], self.max_pixels)
         self._transform = build_transform(feature_model.image_size)
         self.paths = [str(path) for path in index.image_paths]
