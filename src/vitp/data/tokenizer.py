@@ -125,13 +125,14 @@ def conversation_texts(meta_path: str | Path, skipped: Counter | None = None) ->
                 yield turn.text.replace(IMAGE_PLACEHOLDER, "")
 
 
-def load_tokenizer(path: str | Path):
-    """A Hugging Face tokenizer from a directory, with ChatML and InternVL's tokens ensured."""
+def load_tokenizer(path: str | Path, use_fast: bool = True):
+    """A Hugging Face tokenizer from a directory, with ChatML and InternVL's tokens ensured.
+    ``use_fast`` is upstream's --use_fast_tokenizer (the Rust tokenizer where both exist)."""
     path = Path(path)
     if not path.is_dir():
         raise TokenizerError(f"{path}: not a tokenizer directory")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, use_fast=use_fast)
     except (OSError, ValueError) as err:
         raise TokenizerError(f"{path}: cannot load a tokenizer ({err})") from None
     prepare_tokenizer(tokenizer)
