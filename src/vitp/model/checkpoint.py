@@ -84,6 +84,7 @@ def load_vlm(
     drop_path_rate: float | None = None,
     image_size: int | None = None,
     dtype: torch.dtype = torch.float32,
+    use_fast_tokenizer: bool = True,
 ):
     """(model, tokenizer) from an InternVL remote-code or transformers directory, strictly.
 
@@ -92,7 +93,7 @@ def load_vlm(
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise WeightFormatError(f"{directory}: not a checkpoint directory (no config.json)")
-    tokenizer = load_tokenizer(directory)
+    tokenizer = load_tokenizer(directory, use_fast=use_fast_tokenizer)
     image_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
     config, layout, kind = read_vlm_config(directory, image_token_id)
     vision_changes = {k: v for k, v in (("drop_path_rate", drop_path_rate), ("image_size", image_size)) if v is not None}
