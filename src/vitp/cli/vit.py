@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _run_convert_vit(args: argparse.Namespace) -> int:
     import torch
 
-    from vitp.formats import config_from_argument, convert_vit
+    from vitp.model.vit_checkpoint import config_from_argument, convert_vit
     from vitp.model.vision import count_parameters
 
     config = None

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from vitp.errors import ConfigError
-from vitp.formats import load_vit, save_vit
+from vitp.model.vit_checkpoint import load_vit, save_vit
 
 logger = logging.getLogger("vitp")
 

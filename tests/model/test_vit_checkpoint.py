@@ -357,20 +357,6 @@ def test_shard_index_with_missing_shard(tmp_path):
         load_vit(tmp_path)
 
 
-@pytest.mark.parametrize(
-    "change, message",
-    [({"qk_normalization": True}, "qk_normalization=True is not supported"),
-     ({"norm_type": "rms_norm"}, "norm_type='rms_norm' is not supported")],
-)
-def test_internvit_6b_style_configs_are_refused(tmp_path, change, message):
-    write_remote_code_checkpoint(tmp_path / "ckpt", random_hf_vision_model())
-    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
-    config["vision_config"].update(change)
-    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ConfigError, match=message):
-        load_vit(tmp_path / "ckpt")
-
-
 def test_config_and_weights_of_different_layouts(tmp_path, tiny_vit):
     save_vit(tiny_vit, tmp_path / "hf", to="hf")
     save_vit(tiny_vit, tmp_path / "vit.safetensors", to="vitp")
