@@ -14,6 +14,16 @@ def randomize_(model: torch.nn.Module, std: float = 0.2, seed: int = 0) -> torch
     return model
 
 
+def layer_differences(ours, hf_model, pixels):
+    """Max |difference| of every hidden state (embeddings, then each layer) between vitp's InternViT and
+    transformers' InternVLVisionModel on ``pixels``."""
+    with torch.no_grad():
+        mine = ours.hidden_states(pixels)
+        theirs = hf_model(pixels, output_hidden_states=True).hidden_states
+    assert len(mine) == len(theirs) == ours.config.num_layers + 1
+    return [(a - b).abs().max().item() for a, b in zip(mine, theirs)]
+
+
 def hf_to_remote_code(hf_state, depth, prefix="vision_model."):
     """InternVL remote-code names for a transformers InternVLVisionModel state dict, written out
     independently of vitp's key table (remote code fuses q, k, v into one qkv tensor). Covers
@@ -86,7 +96,8 @@ def write_internlm2_tokenizer(directory, texts=TOKENIZER_TEXTS, vocab_size=400, 
                               internvl_tokens=True):
     """InternLM2's tokenizer files: a sentencepiece BPE ``tokenizer.model`` (byte fallback, identity
     normalisation, unused pieces that tokenizer_config.json renames to the chat tokens, as InternLM2's)
-    and a ``tokenizer_config.json`` naming the remote-code class. Returns {added token: id}."""
+    and a ``tokenizer_config.json`` naming the remote-code class. Returns the vocabulary size (the pieces,
+    then InternVL's tokens if ``internvl_tokens``)."""
     import io
     import json
     from pathlib import Path
@@ -126,7 +137,7 @@ def write_internlm2_tokenizer(directory, texts=TOKENIZER_TEXTS, vocab_size=400, 
                          "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}",
     }
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    return added
+    return max(processor.get_piece_size(), max(added.values()) + 1)
 
 
 def internlm2_token_ids(directory, text, add_bos=True):
@@ -254,17 +265,22 @@ def write_internlm2_causal_lm(directory, seed=0, **config_overrides):
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    added = write_internlm2_tokenizer(directory, internvl_tokens=False)
-    config = tiny_internlm2_config(vocab_size=max(added.values()) + 1 + 10, **config_overrides)
+    config = tiny_internlm2_config(vocab_size=write_internlm2_tokenizer(directory, internvl_tokens=False), **config_overrides)
     weights = random_internlm2_weights(config, seed=seed)
     save_file(weights, directory / "model.safetensors")
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     return config, weights
 
 
+# transformers InternVLVisionConfig values of tiny InternViTs: 300M's architecture, and 6B's (RMSNorm,
+# whole-width QK-norm, no qkv bias; the real 6B has hidden 3200, 25 heads of 128, MLP 12800)
 TINY_VISION_HF = dict(
     hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
     image_size=112, patch_size=14, attention_bias=True,
+)
+TINY_6B_HF = dict(
+    hidden_size=100, num_hidden_layers=2, num_attention_heads=5, intermediate_size=400, image_size=112,
+    patch_size=14, attention_bias=False, use_qk_norm=True, norm_type="rms_norm", layer_norm_eps=1e-6,
 )
 
 
@@ -326,8 +342,7 @@ def write_internlm2_internvl_checkpoint(directory, seed=0, template="internvl2_5
     layout and config) and InternLM2's remote-code tokenizer files with InternVL's tokens. Returns
     a dict: ``llm_config``, ``llm_weights`` (InternLM2 names, for :func:`internlm2_logits`),
     ``vision_model`` (transformers InternVLVisionModel with the ViT's weights), ``mlp1``."""
-    added = write_internlm2_tokenizer(directory)
-    llm_config = tiny_internlm2_config(vocab_size=max(added.values()) + 1, **llm_overrides)
+    llm_config = tiny_internlm2_config(vocab_size=write_internlm2_tokenizer(directory), **llm_overrides)
     llm_weights = random_internlm2_weights(llm_config, seed=seed)
     vision_model, mlp1 = write_internvl_remote_checkpoint(directory, llm_config, llm_weights, seed=seed, template=template)
     return {"llm_config": llm_config, "llm_weights": llm_weights, "vision_model": vision_model, "mlp1": mlp1}

@@ -4,7 +4,7 @@
 |------------|---------------------------------------------------|------------------------------------|----------|
 | Qwen2/2.5  | InternVL2-1B, InternVL2.5-1B/4B, InternVL3        | transformers' own names            | Qwen2ForCausalLM |
 | InternLM2  | InternVL2-2B/8B/26B, InternVL2.5-2B/8B/26B        | ``tok_embeddings``, fused ``wqkv``, ``w1/w3/w2``, ``output`` | LlamaForCausalLM |
-| Phi-3      | InternVL2-4B                                      | transformers' names (fused ``qkv_proj``, ``gate_up_proj``, which transformers' Phi3 keeps) | Phi3ForCausalLM |
+| Phi-3      | InternVL2-4B                                      | transformers' names (fused ``qkv_proj``, ``gate_up_proj``, which transformers' Phi3 keeps); LongRoPE config moved into ``rope_parameters`` | Phi3ForCausalLM |
 | Llama      | InternVL2-40B (Nous-Hermes-2-Yi), InternVL2-76B (Hermes-2-Theta-Llama-3) | transformers' own names | LlamaForCausalLM |
 
 A family is data: which stored ``model_type`` it covers, the key table from the native class's names to
@@ -87,6 +87,26 @@ def _internlm2_as_llama(values: Mapping[str, Any], where: str) -> dict[str, Any]
     }
 
 
+def _phi3_longrope(values: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Phi-3's config with its rotary settings as transformers 5 reads them. Phi-3-128k (InternVL2-4B)
+    stores LongRoPE as ``rope_scaling: {type: "su" | "longrope", short_factor, long_factor}`` beside a
+    top-level ``original_max_position_embeddings``; transformers' Phi3Config wants all of it in
+    ``rope_parameters`` (given the old spelling with both rope_theta and max_position_embeddings, it
+    fails to find original_max_position_embeddings)."""
+    native = _native(values, where)
+    scaling = native.pop("rope_scaling", None)
+    rope = {"rope_type": "default", "rope_theta": float(native.pop("rope_theta", 10000.0))}
+    if scaling:
+        kind = scaling.get("type", scaling.get("rope_type")) if isinstance(scaling, dict) else None
+        if kind not in ("su", "longrope") or not {"short_factor", "long_factor"} <= set(scaling):
+            raise ConfigError(f"{where}: rope_scaling {scaling!r}: Phi-3 defines 'su'/'longrope' with short and long factors")
+        rope.update(
+            rope_type="longrope", short_factor=list(scaling["short_factor"]), long_factor=list(scaling["long_factor"]),
+            original_max_position_embeddings=int(native.get("original_max_position_embeddings", 4096)),
+        )
+    return {**native, "rope_parameters": native.get("rope_parameters") or rope}
+
+
 _INTERNLM2_RULES = [
     Rename("model.embed_tokens.weight", "model.tok_embeddings.weight"),
     GroupedQKV([f"model.layers.{{i}}.self_attn.{p}_proj.{{kind}}" for p in "qkv"], "model.layers.{i}.attention.wqkv.{kind}"),
@@ -104,8 +124,9 @@ NATIVE = LLMFamily("transformers-native", KeyMap([Rename("{rest}", "{rest}")]), 
 INTERNLM2 = LLMFamily(
     "InternLM2", KeyMap(_INTERNLM2_RULES), _internlm2_as_llama, params=("num_attention_heads", "num_key_value_heads")
 )
-# Stored model_type -> family; any other model_type transformers implements is NATIVE (Qwen2, Llama, Phi-3).
-FAMILIES: dict[str, LLMFamily] = {"internlm2": INTERNLM2}
+PHI3 = LLMFamily("Phi-3", NATIVE.keymap, _phi3_longrope)  # transformers' Phi3 keeps qkv_proj/gate_up_proj fused
+# Stored model_type -> family; any other model_type transformers implements is NATIVE (Qwen2, Llama).
+FAMILIES: dict[str, LLMFamily] = {"internlm2": INTERNLM2, "phi3": PHI3}
 
 
 def llm_family(values: Mapping[str, Any], where: str) -> tuple[LLMFamily, dict[str, Any]]:
@@ -121,7 +142,7 @@ def llm_family(values: Mapping[str, Any], where: str) -> tuple[LLMFamily, dict[s
     try:
         AutoConfig.for_model(**native)
     except (ValueError, KeyError, TypeError) as err:
-        known = ", ".join(["qwen2", "llama", "phi3", *FAMILIES])
+        known = ", ".join(["qwen2", "llama", *FAMILIES])
         raise ConfigError(
             f"{where}: the LLM's model_type {model_type!r} is not one vitp can build ({err}); vitp builds LLMs "
             f"that transformers ships and the InternVL families ({known})"
