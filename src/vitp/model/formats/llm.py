@@ -127,6 +127,9 @@ INTERNLM2 = LLMFamily(
 PHI3 = LLMFamily("Phi-3", NATIVE.keymap, _phi3_longrope)  # transformers' Phi3 keeps qkv_proj/gate_up_proj fused
 # Stored model_type -> family; any other model_type transformers implements is NATIVE (Qwen2, Llama).
 FAMILIES: dict[str, LLMFamily] = {"internlm2": INTERNLM2, "phi3": PHI3}
+# The LLM classes InternVL's remote code knows, by the architecture name its configs store.
+ARCHITECTURES = {"InternLM2ForCausalLM": "internlm2", "Phi3ForCausalLM": "phi3", "LlamaForCausalLM": "llama",
+                 "Qwen2ForCausalLM": "qwen2"}
 
 
 def llm_family(values: Mapping[str, Any], where: str) -> tuple[LLMFamily, dict[str, Any]]:
@@ -136,9 +139,11 @@ def llm_family(values: Mapping[str, Any], where: str) -> tuple[LLMFamily, dict[s
 
     if not isinstance(values, Mapping):
         raise ConfigError(f"{where}: expected the LLM's config as an object, found {type(values).__name__}")
-    model_type = values.get("model_type")
+    # InternVL's remote code picks the LLM's config class by architectures[0], not by model_type.
+    architectures = values.get("architectures") or [None]
+    model_type = ARCHITECTURES.get(architectures[0], values.get("model_type"))
     family = FAMILIES.get(model_type, NATIVE)
-    native = family.native_config(values, where)
+    native = family.native_config({**values, "model_type": model_type}, where)
     try:
         AutoConfig.for_model(**native)
     except (ValueError, KeyError, TypeError) as err:
