@@ -1,7 +1,7 @@
 """vitp: Visual Instruction Pretraining (ViTP) for InternVL-style models, and retrieval with its ViT."""
 
 from vitp.errors import ConfigError, VitpError, WeightFormatError
-from vitp.formats import convert_vit, inspect_checkpoint, load_vit, save_vit
+from vitp.model.vit_checkpoint import convert_vit, inspect_checkpoint, load_vit, save_vit
 from vitp.model.vision import PRESETS, InternViT, VisionConfig, build_vit, vision_config
 
 __version__ = "0.1.0"

@@ -18,7 +18,7 @@ from transformers import InternVLForConditionalGeneration, InternVLVisionModel
 from vitp.cli import main
 from vitp.data.build import build_instructions
 from vitp.data.tokenizer import conversation_texts, save_tokenizer, train_tokenizer
-from vitp.formats import load_vit
+from vitp import load_vit
 from vitp.model.checkpoint import load_vlm
 from vitp.train.export import export_vit
 from vitp.train.pretrain import PretrainConfig, pretrain

@@ -121,7 +121,7 @@ def _register_features(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_features(args: argparse.Namespace) -> int:
     from vitp.data.images import DEFAULT_MAX_PIXELS
-    from vitp.formats import config_from_argument
+    from vitp.model.vit_checkpoint import config_from_argument
     from vitp.retrieval.features import extract_features, partial_directory
     from vitp.tensor_io import check_output_path
 

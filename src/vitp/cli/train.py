@@ -57,15 +57,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_config_fields(pretrain)
     pretrain.set_defaults(handler=_run_pretrain)
 
-    export = subparsers.add_parser(
-        "export-vit",
-        help="write the ViT of a checkpoint as a ViTP-release safetensors and an HF InternVLVisionModel",
-    )
-    export.add_argument("checkpoint", help="a pretraining checkpoint or output directory (or any InternVL checkpoint)")
-    export.add_argument("output_dir")
-    export.add_argument("--key_prefix", default="vision_model.", help="key prefix in vit.safetensors (default: %(default)s)")
-    export.set_defaults(handler=_run_export)
-
 
 def load_config_file(path: str) -> dict:
     """Settings from a YAML or JSON file, each converted like the flag of the same name (so that
@@ -130,12 +121,4 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     output = pretrain(PretrainConfig(**values))
     if is_main_process():  # once, not per torchrun process
         print(f"model written to {output} (transformers InternVL directory); loss curve {output / 'loss.png'}")
-    return 0
-
-
-def _run_export(args: argparse.Namespace) -> int:
-    from vitp.train.export import export_vit
-
-    for path in export_vit(args.checkpoint, args.output_dir, key_prefix=args.key_prefix):
-        print(f"wrote {path}")
     return 0

@@ -1,18 +1,25 @@
-"""A small byte-level BPE tokenizer trained on the fly, for tests and CPU demos.
+"""Tokenizers: the LLM's own, loaded without running remote code, and a small one trained on the fly.
 
-Real runs use the LLM's own tokenizer (Qwen2/2.5 from the checkpoint directory). A tiny model trained
-from scratch needs a tiny vocabulary instead, trained here on the conversation text with the
-`tokenizers` library; ChatML and InternVL's image tokens are special tokens, so the template and the
-image-token expansion behave exactly as with the real tokenizer.
+Real runs use the LLM's own tokenizer from the checkpoint directory (:func:`load_tokenizer`). Remote
+code never runs: a directory whose tokenizer is InternLM2's remote code (``tokenization_internlm2.py``
+over a sentencepiece ``tokenizer.model``, InternVL2-2B/8B/26B and InternVL2.5-2B/8B/26B) gets the same
+tokenizer rebuilt from its ``tokenizer.model`` with the ``tokenizers`` library (the same ids, the same
+BOS), and any other remote-code tokenizer is refused with a message instead of transformers' interactive
+"Do you wish to run the custom code?" prompt, which would hang a batch job.
+
+A tiny model trained from scratch needs a tiny vocabulary instead, trained here on the conversation text
+with the `tokenizers` library; ChatML and InternVL's image tokens are special tokens, so the template and
+the image-token expansion behave exactly as with the real tokenizer.
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from vitp.data.meta import IMAGE_PLACEHOLDER, JsonlIndex, SampleError, parse_sample, read_meta
@@ -126,14 +133,142 @@ def conversation_texts(meta_path: str | Path, skipped: Counter | None = None) ->
 
 
 def load_tokenizer(path: str | Path, use_fast: bool = True):
-    """A Hugging Face tokenizer from a directory, with ChatML and InternVL's tokens ensured.
-    ``use_fast`` is upstream's --use_fast_tokenizer (the Rust tokenizer where both exist)."""
+    """A Hugging Face tokenizer from a directory, with ChatML and InternVL's tokens ensured; never runs
+    remote code and never prompts. ``use_fast`` is upstream's --use_fast_tokenizer (the Rust tokenizer
+    where both exist; InternLM2's rebuilt tokenizer is always the Rust one, with the slow one's ids)."""
     path = Path(path)
     if not path.is_dir():
         raise TokenizerError(f"{path}: not a tokenizer directory")
+    config = _tokenizer_config(path)
+    declared = _declared_classes(config)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, use_fast=use_fast)
+        if declared & SENTENCEPIECE_REMOTE_CLASSES:
+            tokenizer = sentencepiece_bpe_tokenizer(path, config)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(path, use_fast=use_fast, trust_remote_code=False)
     except (OSError, ValueError) as err:
+        if "custom code" in str(err) or "trust_remote_code" in str(err):
+            raise TokenizerError(
+                f"{path}: the tokenizer is remote code ({', '.join(sorted(declared)) or 'auto_map'}), which vitp "
+                f"does not run; vitp rebuilds {', '.join(sorted(SENTENCEPIECE_REMOTE_CLASSES))} itself, and loads "
+                f"any tokenizer transformers ships"
+            ) from None
         raise TokenizerError(f"{path}: cannot load a tokenizer ({err})") from None
     prepare_tokenizer(tokenizer)
     return tokenizer
+
+
+# Remote-code tokenizers over a sentencepiece BPE model that vitp rebuilds with the tokenizers library.
+SENTENCEPIECE_REMOTE_CLASSES = frozenset({"InternLM2Tokenizer", "InternLM2TokenizerFast"})
+
+
+def _tokenizer_config(directory: Path) -> dict[str, Any]:
+    path = directory / "tokenizer_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise TokenizerError(f"{path}: not readable JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise TokenizerError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
+
+
+def _declared_classes(config: dict[str, Any]) -> set[str]:
+    """The tokenizer class names a tokenizer_config.json names (tokenizer_class and its auto_map)."""
+    names = {config.get("tokenizer_class")}
+    auto_map = config.get("auto_map")
+    entries = auto_map.get("AutoTokenizer") if isinstance(auto_map, dict) else auto_map
+    for entry in entries if isinstance(entries, (list, tuple)) else [entries]:
+        if isinstance(entry, str):
+            names.add(entry.rsplit(".", 1)[-1])
+    return {name for name in names if isinstance(name, str)}
+
+
+def sentencepiece_bpe_tokenizer(directory: Path, config: dict[str, Any]) -> PreTrainedTokenizerFast:
+    """The tokenizer of a sentencepiece BPE ``tokenizer.model`` as InternLM2's remote code applies it
+    (each text between special tokens encoded by sentencepiece; BOS first when ``add_bos_token``, the
+    default), rebuilt with the tokenizers library: the sentencepiece vocabulary and merges, sentencepiece's
+    whitespace handling as a normaliser, byte fallback, and the ``added_tokens_decoder`` of
+    ``tokenizer_config.json`` at their ids (InternLM2 renames unused pieces to ``<|im_start|>`` etc.)."""
+    import sentencepiece
+    from sentencepiece import sentencepiece_model_pb2
+    from transformers.tokenization_utils_base import generate_merges
+
+    model_file = directory / "tokenizer.model"
+    if not model_file.is_file():
+        raise TokenizerError(f"{directory}: no tokenizer.model (the sentencepiece model this tokenizer reads)")
+    proto = sentencepiece_model_pb2.ModelProto()
+    try:
+        proto.ParseFromString(model_file.read_bytes())
+        processor = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+    except Exception as err:  # noqa: BLE001 - protobuf and sentencepiece raise their own types
+        raise TokenizerError(f"{model_file}: not a readable sentencepiece model ({err})") from None
+    spec = proto.normalizer_spec
+    if proto.trainer_spec.model_type != sentencepiece_model_pb2.TrainerSpec.BPE:
+        raise TokenizerError(f"{model_file}: a sentencepiece model of type {proto.trainer_spec.model_type}, not BPE")
+    if spec.name not in ("identity", "") or spec.remove_extra_whitespaces or not spec.escape_whitespaces:
+        raise TokenizerError(
+            f"{model_file}: sentencepiece normalisation {spec.name!r} (remove_extra_whitespaces="
+            f"{spec.remove_extra_whitespaces}) cannot be rebuilt exactly; vitp rebuilds identity-normalised models"
+        )
+    size = processor.get_piece_size()
+    pieces = [processor.id_to_piece(i) for i in range(size)]
+    added = _added_tokens(config)
+    renamed = {i: token.content for i, token in added.items() if i < size}
+    merges = generate_merges(
+        {piece: i for i, piece in enumerate(pieces)},
+        {piece: processor.get_score(i) for i, piece in enumerate(pieces)},
+        skip_tokens=[pieces[i] for i in renamed],
+    )
+    vocab = {renamed.get(i, piece): i for i, piece in enumerate(pieces)}
+    backend = Tokenizer(models.BPE(
+        vocab, merges, unk_token=pieces[processor.unk_id()], fuse_unk=True, byte_fallback=proto.trainer_spec.byte_fallback
+    ))
+    dummy_prefix = [normalizers.Prepend("▁")] if spec.add_dummy_prefix else []
+    backend.normalizer = normalizers.Sequence(dummy_prefix + [normalizers.Replace(" ", "▁")])
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+        + ([decoders.Strip(" ", 1, 0)] if spec.add_dummy_prefix else [])
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=_token_text(config.get("bos_token", "<s>")),
+        eos_token=_token_text(config.get("eos_token", "</s>")),
+        unk_token=_token_text(config.get("unk_token", "<unk>")),
+        pad_token=_token_text(config.get("pad_token", "</s>")),
+        add_bos_token=bool(config.get("add_bos_token", True)),
+        add_eos_token=False,  # as upstream's trainer loads it
+        model_max_length=config.get("model_max_length", 1_000_000),
+        clean_up_tokenization_spaces=False,
+    )
+    for index in sorted(added):
+        token = added[index]
+        tokenizer.add_tokens([token], special_tokens=token.special)
+        if tokenizer.convert_tokens_to_ids(token.content) != index:
+            raise TokenizerError(
+                f"{directory / 'tokenizer_config.json'}: added token {token.content!r} has id {index}, which does not "
+                f"follow the {size} pieces of tokenizer.model and the tokens before it"
+            )
+    if config.get("chat_template"):
+        tokenizer.chat_template = config["chat_template"]
+    return tokenizer
+
+
+def _added_tokens(config: dict[str, Any]) -> dict[int, AddedToken]:
+    out = {}
+    for key, value in (config.get("added_tokens_decoder") or {}).items():
+        if not isinstance(value, dict) or "content" not in value or not str(key).isdigit():
+            raise TokenizerError(f"tokenizer_config.json: added_tokens_decoder[{key!r}] is not {{id: {{content...}}}}")
+        out[int(key)] = AddedToken(
+            value["content"], special=bool(value.get("special", True)), normalized=bool(value.get("normalized", False)),
+            lstrip=bool(value.get("lstrip", False)), rstrip=bool(value.get("rstrip", False)),
+            single_word=bool(value.get("single_word", False)),
+        )
+    return out
+
+
+def _token_text(value: Any) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or {"content": ...}."""
+    return value.get("content") if isinstance(value, dict) else value

@@ -4,13 +4,16 @@ timm already implements this network (``vit_intern300m_patch14_448``: pre-norm b
 both branches, no final norm, fused SDPA attention, DropPath, activation checkpointing). This module
 adds only what InternVL needs on top:
 
-* a small config with named presets (the real 300M model and tiny ones for tests and CPU demos);
+* a small config with named presets (InternViT-300M, InternViT-6B, and tiny ones for tests and CPU demos);
+* InternViT-6B's differences from 300M: RMSNorm instead of LayerNorm, and QK-normalisation over the
+  whole width of q and k (all heads together, before the head split; timm's ``qk_norm`` normalises each
+  head on its own, which is another network);
 * hidden states indexed the InternVL way: ``hidden_states[0]`` is the embedding output,
   ``hidden_states[i]`` the output of block ``i``, ``select_layer=-1`` the last block;
 * position embeddings resampled for other input sizes exactly as InternVL and transformers do it
   (bicubic, no antialias), so that our numbers match theirs at every resolution.
 
-The parameter names are timm's; ``vitp.formats`` translates them to and from every checkpoint layout.
+The parameter names are timm's; ``vitp.model.formats.vit`` maps them to and from every checkpoint layout.
 """
 
 from __future__ import annotations
@@ -22,11 +25,16 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torch.utils.checkpoint
-from timm.layers import LayerNorm, resample_abs_pos_embed
+from timm.layers import Attention, LayerNorm, RmsNormFp32, resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
 from vitp.errors import ConfigError
+
+# The norms of the blocks (and of QK-norm). RMSNorm is computed in float32 and cast back, as InternViT's
+# own RMSNorm and transformers' do.
+NORM_LAYERS = {"layer_norm": LayerNorm, "rms_norm": RmsNormFp32}
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,8 @@ class VisionConfig:
     layer_norm_eps: float = 1e-6
     layer_scale_init: float = 0.1
     drop_path_rate: float = 0.0
+    norm_type: str = "layer_norm"  # "rms_norm" in InternViT-6B
+    qk_norm: bool = False  # InternViT-6B: RMSNorm over the whole width of q and of k
 
     def __post_init__(self) -> None:
         positive = ("image_size", "patch_size", "hidden_size", "num_layers", "num_heads", "intermediate_size")
@@ -60,6 +70,10 @@ class VisionConfig:
             )
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ConfigError(f"vision config: drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        if self.norm_type not in NORM_LAYERS:
+            raise ConfigError(f"vision config: norm_type must be one of {sorted(NORM_LAYERS)}, got {self.norm_type!r}")
+        if not isinstance(self.qk_norm, bool):
+            raise ConfigError(f"vision config: qk_norm must be true or false, got {self.qk_norm!r}")
 
     @property
     def grid_size(self) -> int:
@@ -86,14 +100,27 @@ class VisionConfig:
 
 
 # Named presets. `internvit-300m` is InternViT-300M-448px(-V2_5), the encoder of InternVL2.5-1B..8B and of
-# ViTP's released ViT-L. The tiny ones exist so that tests and the CPU demo run in seconds.
+# ViTP's released ViT-L. `internvit-6b-448` is InternViT-6B-448px (V1.2/V1.5/V2.5: 45 layers, the encoder of
+# InternVL 1.5, InternVL2-26B..76B and InternVL2.5-26B..78B); `internvit-6b-224` the original 224-px
+# InternViT-6B with all 48 layers. The tiny ones exist so that tests and the CPU demo run in seconds.
+_INTERNVIT_6B = dict(
+    patch_size=14, hidden_size=3200, num_heads=25, intermediate_size=12800, qkv_bias=False,
+    norm_type="rms_norm", qk_norm=True,
+)
 PRESETS: dict[str, VisionConfig] = {
     "internvit-300m": VisionConfig(),
+    "internvit-6b-448": VisionConfig(image_size=448, num_layers=45, **_INTERNVIT_6B),
+    "internvit-6b-224": VisionConfig(image_size=224, num_layers=48, **_INTERNVIT_6B),
     "internvit-tiny": VisionConfig(
         image_size=112, patch_size=14, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256
     ),
     "internvit-small": VisionConfig(
         image_size=224, patch_size=14, hidden_size=192, num_layers=6, num_heads=6, intermediate_size=768
+    ),
+    # InternViT-6B's architecture (RMSNorm, whole-width QK-norm, no qkv bias) at a size tests can run
+    "internvit-6b-tiny": VisionConfig(
+        image_size=112, patch_size=14, hidden_size=100, num_layers=2, num_heads=5, intermediate_size=400,
+        qkv_bias=False, norm_type="rms_norm", qk_norm=True,
     ),
 }
 
@@ -103,6 +130,31 @@ def vision_config(preset: str, **overrides: Any) -> VisionConfig:
     if preset not in PRESETS:
         raise ConfigError(f"unknown vision preset {preset!r}; known presets: {', '.join(sorted(PRESETS))}")
     return PRESETS[preset].replace(**overrides)
+
+
+class WholeWidthQKNormAttention(Attention):
+    """timm's attention with InternViT-6B's QK-normalisation: one RMSNorm over all ``hidden_size`` channels
+    of q (and one of k), applied before the heads are split. Parameter names stay timm's (``qkv``,
+    ``q_norm``, ``k_norm``, ``proj``), as InternVL's checkpoints name them too."""
+
+    def __init__(self, dim: int, num_heads: int = 8, *, norm_layer=None, qk_norm: bool = False, **kwargs: Any):
+        super().__init__(dim, num_heads=num_heads, qk_norm=False, norm_layer=norm_layer, **kwargs)
+        # Always an RMSNorm (as upstream and transformers), with the epsilon of the blocks' norms, which
+        # timm hands over as norm_layer = partial(norm class, eps=...).
+        eps = getattr(norm_layer, "keywords", {}).get("eps", 1e-6)
+        self.q_norm = RmsNormFp32(dim, eps=eps)
+        self.k_norm = RmsNormFp32(dim, eps=eps)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        batch, tokens, _ = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.reshape(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        x = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0, is_causal=is_causal
+        )
+        x = self.norm(x.transpose(1, 2).reshape(batch, tokens, self.attn_dim))
+        return self.proj_drop(self.proj(x))
 
 
 class InternViT(VisionTransformer):
@@ -128,7 +180,8 @@ class InternViT(VisionTransformer):
             qkv_bias=config.qkv_bias,
             init_values=config.layer_scale_init,
             drop_path_rate=config.drop_path_rate,
-            norm_layer=partial(LayerNorm, eps=config.layer_norm_eps),
+            norm_layer=partial(NORM_LAYERS[config.norm_type], eps=config.layer_norm_eps),
+            attn_layer=WholeWidthQKNormAttention if config.qk_norm else Attention,
             act_layer=nn.GELU,  # exact (erf) GELU, as InternViT's "gelu"
             class_token=True,
             final_norm=False,
