@@ -234,22 +234,32 @@ class ConversationTokenizer:
         """preprocess_mpt: each round is counted with one token for the separator the split removed."""
         prompt = self._prompt(turns, system)
         ids, labels = self._tokenize_prompt(prompt)
+        cursor, answer_start = self._mask_rounds(prompt, labels, 0, round_extra=(1, 1), header_extra=(0, 0))
+        self._check_total(cursor, ids)
+        return ids, labels, answer_start
+
+    def _mask_rounds(self, prompt: str, labels: list[int], cursor: int, round_extra: tuple[int, int],
+                     header_extra: tuple[int, int]) -> tuple[int, int]:
+        """Walk the rounds from ``cursor``, ignoring each question up to and including the assistant
+        header. A round spans its token count plus ``round_extra``, its question its token count plus
+        ``header_extra`` (the first value for the first round, the second for the others): the
+        template's corrections for the separator the split removed, BOS and leading-space tokens.
+        Returns the cursor after the last round and where the last answer starts."""
         answer_header = self.style.separator + self.style.assistant
-        cursor, answer_start = 0, 0
-        for text in self._rounds(prompt):
+        answer_start = cursor
+        for index, text in enumerate(self._rounds(prompt)):
             if text == "":
                 break
-            length = self._count(text) + 1
+            length = self._count(text) + round_extra[index > 0]
             halves = text.split(answer_header)
             if len(halves) != 2:
                 break
-            masked = self._count(halves[0] + answer_header)
+            masked = self._count(halves[0] + answer_header) + header_extra[index > 0]
             labels[cursor : cursor + masked] = [IGNORE_INDEX] * len(labels[cursor : cursor + masked])
             answer_start = cursor + masked
             cursor += length
         labels[cursor:] = [IGNORE_INDEX] * len(labels[cursor:])
-        self._check_total(cursor, ids)
-        return ids, labels, answer_start
+        return cursor, answer_start
 
     def _internlm2(self, turns: list[Turn], system: str) -> tuple[list[int], list[int], int]:
         """preprocess_internlm: messages stripped; cut at the assistant header; every count drops the
@@ -292,21 +302,8 @@ class ConversationTokenizer:
         ids, labels = self._tokenize_prompt(prompt)
         labels[:1] = [IGNORE_INDEX] * len(labels[:1])
         endoftext = self.tokenizer.convert_tokens_to_ids(PAD_TOKEN)
-        labels = [IGNORE_INDEX if label == endoftext else label for label in labels]
-        answer_header = self.style.separator + self.style.assistant
-        cursor, answer_start = 1, 0
-        for index, text in enumerate(self._rounds(prompt)):
-            if text == "":
-                break
-            length = self._count(text) - (0 if index == 0 else 1)
-            halves = text.split(answer_header)
-            if len(halves) != 2:
-                break
-            masked = self._count(halves[0] + answer_header) - (1 if index == 0 else 2)
-            labels[cursor : cursor + masked] = [IGNORE_INDEX] * len(labels[cursor : cursor + masked])
-            answer_start = cursor + masked
-            cursor += length
-        labels[cursor:] = [IGNORE_INDEX] * len(labels[cursor:])
+        labels[:] = [IGNORE_INDEX if label == endoftext else label for label in labels]
+        cursor, answer_start = self._mask_rounds(prompt, labels, 1, round_extra=(0, -1), header_extra=(-1, -2))
         self._check_total(cursor, ids)
         return ids, labels, answer_start
 
