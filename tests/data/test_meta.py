@@ -160,6 +160,8 @@ BAD_LINES = [
      "turn 1: lone surrogate '\\ud800'", "invalid text"),
     (r'{"image": "a\udc80.jpg", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "a"}]}',
      "image path: lone surrogate", "invalid text"),
+    ('{"video": "clip.mp4", "conversations": [{"from": "human", "value": "<video>\\nWhat?"}, {"from": "gpt", "value": "a"}]}',
+     "video samples are not supported", "video"),
 ]
 
 

@@ -240,15 +240,15 @@ def test_loss_weights_reduce_per_sample(tiny_vlm, bpe_tokenizer):
 
 
 def test_classifier_loss_is_the_choice_cross_entropy(tiny_vlm, bpe_tokenizer):
-    from vitp.model.vlm import ClassifyRequest
+    from vitp.data.templates import ClassifyTarget
 
     ids, mask, labels, pixels, tiles = multi_image_batch(tiny_vlm, bpe_tokenizer.pad_token_id)
     position = int((labels[1] != -100).nonzero()[0])
-    request = ClassifyRequest(1, position, (42, 46, int(ids[1, position])), int(ids[1, position]))
+    request = (1, ClassifyTarget(position, (42, 46, int(ids[1, position])), int(ids[1, position])))
     with torch.no_grad():
         plain = tiny_vlm(ids, mask, pixels, tiles, labels=labels)
         out = tiny_vlm(ids, mask, pixels, tiles, labels=labels, classify=[request], return_logits=True)
-    logits = out.logits[1, position - 1, list(request.choice_ids)]
+    logits = out.logits[1, position - 1, list(request[1].choice_ids)]
     expected = torch.nn.functional.cross_entropy(logits, torch.tensor(2), label_smoothing=0.01) / 2  # 2 samples
     assert torch.allclose(out.classifier_loss, expected, atol=1e-6)
     assert torch.allclose(out.loss, plain.loss + expected, atol=1e-6)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.utils import ModelOutput
 
+from vitp.data.templates import ClassifyTarget
 from vitp.errors import ConfigError
 from vitp.model.projector import build_projector, pixel_shuffle, tokens_per_tile
 from vitp.model.tmaug import TMAugConfig, apply_tmaug, apply_tsaug
@@ -95,17 +96,6 @@ class VLMOutput(ModelOutput):
     sequence_tokens: int | None = None  # attended tokens the LLM processed (after TMAug)
     tmaug: dict[str, int] | None = None
     classifier_loss: torch.Tensor | None = None  # the choice loss's share of ``loss``
-
-
-@dataclass(frozen=True)
-class ClassifyRequest:
-    """Upstream's auxiliary choice loss for one sample of a batch: the logits at ``position - 1`` (which
-    predict the answer's first token) over ``choice_ids``, trained towards ``answer_id``."""
-
-    row: int
-    position: int
-    choice_ids: tuple[int, ...]
-    answer_id: int
 
 
 CLASSIFIER_LABEL_SMOOTHING = 0.01  # upstream's
@@ -207,7 +197,7 @@ class VisionLanguageModel(nn.Module):
         segment_ids: torch.Tensor | None = None,
         image_flags: torch.Tensor | None = None,
         loss_weight: torch.Tensor | None = None,
-        classify: Sequence[ClassifyRequest] | None = None,
+        classify: Sequence[tuple[int, ClassifyTarget]] | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
         num_samples_in_batch: int | torch.Tensor | None = None,
         return_logits: bool = False,
@@ -218,7 +208,8 @@ class VisionLanguageModel(nn.Module):
 
         The loss is the sum over supervised tokens of ``loss_weight`` x cross-entropy (weight 1 when
         not given), divided by ``num_items_in_batch`` (the weights of the whole optimizer step; of this
-        batch if None), plus the choice loss of ``classify`` divided by ``num_samples_in_batch``."""
+        batch if None), plus the choice loss of ``classify`` ((row, target) of each choice question)
+        divided by ``num_samples_in_batch`` (the samples of the step; of this batch if None)."""
         embeds = self.embed_inputs(input_ids, pixel_values, num_tiles, where, image_flags)
         image_mask = input_ids == self.vlm_config.image_token_id
         packed = segment_ids is not None
@@ -322,12 +313,14 @@ def segment_attention(segment_ids: torch.Tensor, text_config: Any, dtype: torch.
     return {"attention_mask": blocked.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)}
 
 
-def moved_through(classify: Sequence[ClassifyRequest] | None, kept: torch.Tensor) -> list[ClassifyRequest] | None:
+def moved_through(classify: Sequence[tuple[int, ClassifyTarget]] | None,
+                  kept: torch.Tensor) -> list[tuple[int, ClassifyTarget]] | None:
     """Classifier positions after TMAug removed tokens: the new index of each (always kept) text token."""
     if not classify:
         return classify
     new_index = kept.long().cumsum(dim=1) - 1
-    return [ClassifyRequest(c.row, int(new_index[c.row, c.position]), c.choice_ids, c.answer_id) for c in classify]
+    return [(row, dataclasses.replace(target, position=int(new_index[row, target.position])))
+            for row, target in classify]
 
 
 def answer_loss(
@@ -358,13 +351,13 @@ def answer_loss(
     return total / weights.sum().clamp(min=1e-12), count
 
 
-def choice_loss(hidden: torch.Tensor, lm_head: nn.Module, requests: Sequence[ClassifyRequest]) -> torch.Tensor:
+def choice_loss(hidden: torch.Tensor, lm_head: nn.Module, classify: Sequence[tuple[int, ClassifyTarget]]) -> torch.Tensor:
     """Summed cross-entropy (label smoothing 0.01) of each answer's first token among the first tokens
     of its choices, from the logits that predict it (upstream's --use_classifier loss)."""
     total = hidden.new_zeros((), dtype=torch.float32)
-    for request in requests:
-        logits = lm_head(hidden[request.row, request.position - 1]).float()
-        choices = torch.tensor(request.choice_ids, device=logits.device)
-        target = torch.tensor(request.choice_ids.index(request.answer_id), device=logits.device)
-        total = total + F.cross_entropy(logits[choices], target, label_smoothing=CLASSIFIER_LABEL_SMOOTHING)
+    for row, target in classify:
+        logits = lm_head(hidden[row, target.position - 1]).float()
+        choices = torch.tensor(target.choice_ids, device=logits.device)
+        answer = torch.tensor(target.choice_ids.index(target.answer_id), device=logits.device)
+        total = total + F.cross_entropy(logits[choices], answer, label_smoothing=CLASSIFIER_LABEL_SMOOTHING)
     return total
