@@ -28,7 +28,8 @@ def check_parser():
             "help": "tokenizer directory: also count tokens and find samples that would be truncated"})
         patch_size: int = field(default=14, metadata={"help": "the ViT's patch size"})
 
-    return HfArgumentParser((DataTrainingArguments, CheckArguments), prog="vitp data check", description=CHECK_DESCRIPTION)
+    return HfArgumentParser((DataTrainingArguments, CheckArguments), prog="vitp data check", description=CHECK_DESCRIPTION,
+                            exit_on_error=False)
 
 
 def data_settings(data_args, patch_size: int):
@@ -110,7 +111,7 @@ def _run_check(args: argparse.Namespace) -> int:
         argv = ["--meta_path", argv[0]] + argv[1:]
     try:
         data_args, check_args = parser.parse_args_into_dataclasses(argv, look_for_args_file=False)
-    except ValueError as err:
+    except (argparse.ArgumentError, ValueError) as err:
         raise ConfigError(str(err)) from None
     if not data_args.meta_path:
         raise ConfigError("give the meta JSON: vitp data check META.json [flags]")

@@ -48,7 +48,7 @@ def argument_parser():
 
     from vitp.train.arguments import ARGUMENT_CLASSES
 
-    parser = HfArgumentParser(ARGUMENT_CLASSES, prog="vitp pretrain", description=DESCRIPTION)
+    parser = HfArgumentParser(ARGUMENT_CLASSES, prog="vitp pretrain", description=DESCRIPTION, exit_on_error=False)
     parser.add_argument("--config", help="YAML or JSON file of flag values (flags on the command line win)")
     return parser
 
@@ -122,6 +122,8 @@ def parse_pretrain_arguments(argv: list[str]):
         parser.set_defaults(**load_config_file(config.config, parser))
     try:
         *arguments, _extra = parser.parse_args_into_dataclasses(argv, look_for_args_file=False)
+    except argparse.ArgumentError as err:  # a value its flag cannot read
+        raise ConfigError(str(err)) from None
     except ValueError as err:  # unknown flags, or a value a dataclass refused
         message = str(err)
         if "not used by the HfArgumentParser" in message:

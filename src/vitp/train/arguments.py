@@ -238,7 +238,7 @@ class TrainingArguments(transformers.TrainingArguments):
         self._map_legacy_fields()
         try:
             super().__post_init__()
-        except ValueError as err:  # transformers' own checks: the message names the field
+        except (ValueError, OSError) as err:  # transformers' own checks: the message names the field
             raise ConfigError(str(err)) from None
 
     def _refuse_unsupported(self) -> None:
@@ -269,6 +269,13 @@ class TrainingArguments(transformers.TrainingArguments):
             "past_index": (self.past_index >= 0, "models with memories (XLNet, Transformer-XL) are not trained here"),
             "warmup_ratio": (not 0.0 <= self.warmup_ratio < 1.0, f"must be in [0, 1), got {self.warmup_ratio}"),
         }
+        for name, hint in (("deepspeed", "configs/zero1.json is ViTP's"), ("fsdp_config", "see configs/fsdp.json")):
+            value = getattr(self, name)
+            if isinstance(value, str) and not value.lstrip().startswith("{") and not Path(value).is_file():
+                raise ConfigError(f"{name} {value}: no such file ({hint})")
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name, (wrong, reason) in refused.items():
             if wrong:
                 raise ConfigError(f"{name}: {reason}")
@@ -338,7 +345,8 @@ def ineffective_settings(*arguments: Any) -> list[str]:
     """'name=value: why it changes nothing' for every NO_EFFECT field set to a non-default value."""
     notes = []
     for group in arguments:
-        defaults = {f.name: f.default for f in dataclasses.fields(group) if f.init}
+        defaults = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                    for f in dataclasses.fields(group) if f.init}
         for name, reason in NO_EFFECT.items():
             if name in defaults and getattr(group, name) != defaults[name]:
                 notes.append(f"{name}={getattr(group, name)!r} has no effect: {reason}")
