@@ -30,7 +30,7 @@ def test_llm_and_backbone_lora_with_everything_else_frozen(workspace, tiny_qwen2
         assert (directory / "llm_lora" / "adapter_config.json").is_file()
         assert (directory / "vit_lora" / "adapter_model.safetensors").is_file()
         InternVLForConditionalGeneration.from_pretrained(directory)  # merged: a plain transformers checkpoint
-    base, _ = load_vlm(tiny_qwen2_checkpoint)
+    base, _ = load_vlm(tiny_qwen2_checkpoint, image_size=56)  # the runs' tile size
     trained, _ = load_vlm(output)
     before, after = base.state_dict(), trained.state_dict()
     assert changed(before, after, "mlp1.") == []
@@ -65,7 +65,7 @@ def test_unfreeze_lm_head_and_the_last_vit_layer(workspace, tiny_qwen2_checkpoin
     output = run(workspace, tmp_path / "partial", model_preset=None, tokenizer=None,
                  model_name_or_path=str(tiny_qwen2_checkpoint), unfreeze_lm_head=True, unfreeze_vit_layers=-1,
                  **{**FROZEN, "max_steps": 1, "save_steps": 100})
-    before, after = load_vlm(tiny_qwen2_checkpoint)[0].state_dict(), load_vlm(output)[0].state_dict()
+    before, after = load_vlm(tiny_qwen2_checkpoint, image_size=56)[0].state_dict(), load_vlm(output)[0].state_dict()
     # the tiny Qwen2 ties its output layer to the token embeddings: both are one trained tensor
     assert changed(before, after, "language_model.") == ["language_model.lm_head.weight",
                                                          "language_model.model.embed_tokens.weight"]

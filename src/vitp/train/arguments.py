@@ -358,9 +358,9 @@ def validate_combination(data_args: DataTrainingArguments, training_args: Traini
     if data_args.use_packed_ds and training_args.max_steps <= 0:
         raise ConfigError("use_packed_ds needs max_steps: the number of packed sequences per epoch depends on the "
                           "order samples arrive in, so epochs cannot be counted (upstream's packed scripts give max_steps)")
-    if data_args.use_classifier and data_args.conv_style not in (None, "internvl2_5"):
-        raise ConfigError(f"use_classifier: upstream computes the choice loss for the internvl2_5 template only, not "
-                          f"{data_args.conv_style}")
+    if data_args.use_data_resampling and training_args.train_sampling_strategy == "group_by_length":
+        raise ConfigError("use_data_resampling and group_by_length choose the order in two different ways; give one "
+                          "(upstream's padded path ignores use_data_resampling)")
     if training_args.train_sampling_strategy == "batch_rebalance":
         raise ConfigError("train_sampling_strategy batch_rebalance is not supported; use group_by_length")
     if data_args.use_packed_ds and training_args.train_sampling_strategy != "random":

@@ -58,6 +58,8 @@ def pretrain(model_args: ModelArguments, data_args: DataTrainingArguments, train
         logger.warning("%s", note)
     if not data_args.meta_path:
         raise ConfigError("meta_path is required: the meta JSON of the training data")
+    if data_args.loss_reduction_all_gather:  # the loss weights summed over every rank, as upstream's flag asks
+        training_args.average_tokens_across_devices = True
     check_parallelism(training_args)
     output = prepare_output_dir(training_args)
     resume = resume_checkpoint(training_args)
@@ -169,6 +171,9 @@ def load_model(model_args: ModelArguments, data_args: DataTrainingArguments) -> 
     except ValueError as err:
         raise ConfigError(f"vision_select_layer: {err}") from None
     template = data_args.conv_style or model.vlm_config.template
+    if data_args.use_classifier and template != "internvl2_5":
+        raise ConfigError(f"use_classifier: upstream computes the choice loss for the internvl2_5 template only, and "
+                          f"this run uses {template}")
     data_args.conv_style = template  # the dataset and the saved checkpoint use the same one
     model.vlm_config = dataclasses.replace(model.vlm_config, select_layer=model_args.vision_select_layer,
                                           template=template)
