@@ -198,7 +198,7 @@ def pack(rows):
     return ids, labels, segments, positions, torch.tensor([sum(tiles for _, _, tiles in rows)])
 
 
-@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("implementation", ["sdpa", "eager", "vitp_packed_sdpa"])
 def test_packed_samples_do_not_see_each_other(tiny_vlm, bpe_tokenizer, implementation):
     """Each sample's loss in a packed row equals its loss alone: attention stays within a sample."""
     tiny_vlm.language_model.set_attn_implementation(implementation)
@@ -285,3 +285,18 @@ def test_packed_attention_on_cuda_matches_each_sample_alone(tiny_vlm, bpe_tokeni
                 loss = model(packed_ids, torch.ones_like(packed_ids), pixels.cuda(), packed_tiles, labels=only_k,
                              position_ids=positions, segment_ids=segments).loss
                 assert torch.allclose(loss, alone, rtol=2e-2), (implementation, k, loss, alone)
+
+
+def test_projector_weights_from_upstreams_mlp_file(tiny_vlm, bpe_tokenizer, tmp_path):
+    """--mlp_path: the projector state dict as InternVL's tools/extract_mlp.py saves it (torch.save)."""
+    from vitp.errors import WeightFormatError
+    from vitp.model.projector import load_projector_weights
+
+    other = randomize_(build_vlm("internvl-tiny", bpe_tokenizer), seed=3)
+    torch.save(other.mlp1.state_dict(), tmp_path / "mlp_projector.pth")
+    load_projector_weights(tiny_vlm.mlp1, tmp_path / "mlp_projector.pth")
+    assert all(torch.equal(a, b) for a, b in zip(tiny_vlm.mlp1.state_dict().values(), other.mlp1.state_dict().values()))
+    broken = {k: v for k, v in other.mlp1.state_dict().items() if k != "3.bias"}
+    torch.save({**broken, "0.weight": torch.zeros(3)}, tmp_path / "wrong.pth")
+    with pytest.raises(WeightFormatError, match=r"missing \['3.bias'\].*shapes differ for \[\('0.weight'"):
+        load_projector_weights(tiny_vlm.mlp1, tmp_path / "wrong.pth")

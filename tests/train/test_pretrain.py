@@ -178,6 +178,9 @@ def test_config_file_values_are_typed_like_the_flags(tmp_path):
     (["--use_CoT", "True"], "assert False"),
     (["--use_packed_ds", "True"], "use_packed_ds needs max_steps"),
     (["--use_liger", "True"], "pip install 'vitp[liger]'"),
+    (["--down_sample_ratio", "0.25"], "down_sample_ratio 0.25 differs from the model's 0.5"),
+    (["--use_classifier", "True", "--conv_style", "Hermes-2"], "internvl2_5 template only"),
+    (["--unfreeze_vit_layers", "5"], "the ViT has 2 layers"),
     (["--max_stesp", "3"], "unrecognized arguments: --max_stesp (did you mean --max_steps?)"),
 ])
 def test_bad_settings_are_refused_with_the_flag_named(workspace, tmp_path, capsys, flags, message):
@@ -248,3 +251,20 @@ def test_a_meta_with_no_samples_is_refused_before_training(workspace, tmp_path):
     with pytest.raises(VitpError, match="no samples per epoch.*'empty'"):
         run(workspace, tmp_path / "run", meta_path=str(tmp_path / "meta.json"))
     assert not list((tmp_path / "run").glob("checkpoint-*"))
+
+
+@pytest.mark.slow
+def test_choice_questions_train_with_upstreams_classifier_loss(workspace, tmp_path):
+    """--use_classifier at a batch of 4 (upstream: 1 only): the choice loss is part of the loss."""
+    images = sorted((workspace / "images").rglob("*.png"))[:8]
+    lines = [{"image": str(path.relative_to(workspace / "images")), "conversations": [
+        {"from": "human", "value": "<image>\n<cls>Which land cover is it? Options: water|forest|sand. One word."},
+        {"from": "gpt", "value": path.parent.name}]} for path in images]
+    (tmp_path / "cls.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    meta = {"cls": {"root": str(workspace / "images"), "annotation": str(tmp_path / "cls.jsonl"), "repeat_time": 1}}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    common = dict(meta_path=str(tmp_path / "meta.json"), max_steps=2, save_steps=2, learning_rate=0.0)
+    with_choice = run(workspace, tmp_path / "cls", use_classifier=True, **common)
+    without = run(workspace, tmp_path / "plain", **common)
+    loss = lambda output: json.loads((output / "trainer_state.json").read_text())["log_history"][0]["loss"]  # noqa: E731
+    assert loss(with_choice) > loss(without) + 0.05  # the same model and batch, plus about ln(3) / 1 per sample

@@ -17,6 +17,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_utils import AttentionInterface
 from transformers.utils import ModelOutput
 
 from vitp.data.templates import ClassifyTarget
@@ -288,14 +291,51 @@ def count_samples(attention_mask: torch.Tensor, segment_ids: torch.Tensor | None
     return sum(len(torch.unique(row[row >= 0])) for row in segment_ids)
 
 
+PACKED_SDPA = "vitp_packed_sdpa"
+
+
+def packed_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, cu_seq_lens_q: torch.Tensor | None = None,
+                          **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """PyTorch SDPA on each packed sample on its own, with its causal kernel: a block-diagonal mask
+    over the whole row would compute (and then discard) every cross-sample block. Without packing
+    boundaries it is plain SDPA. Registered with transformers as ``vitp_packed_sdpa``."""
+    if cu_seq_lens_q is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    batch, _, length, _ = query.shape
+    lengths = (cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).tolist()  # segments of the flattened batch
+
+    def segments(states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # (B, heads, L, dim) -> (heads, B*L, dim), cut along the tokens: one split, whose backward is one
+        # concatenation (slicing each segment out would add a full-size gradient per segment)
+        flat = states.transpose(0, 1).reshape(states.shape[1], -1, states.shape[-1])
+        return flat.split(lengths, dim=1)
+
+    pieces = [sdpa_attention_forward(module, q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), None, **kwargs)[0]
+              for q, k, v in zip(segments(query), segments(key), segments(value))]  # (1, segment, heads, dim)
+    return torch.cat(pieces, dim=1).reshape(batch, length, *pieces[0].shape[2:]), None
+
+
+AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
+AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)
+
+
+def use_packed_attention(model: "VisionLanguageModel") -> None:
+    """For packed batches: PyTorch SDPA per sample instead of over a masked row (flash attention, which
+    has its own varlen kernel, is kept)."""
+    config = model.language_model.config
+    if getattr(config, "_attn_implementation", "sdpa") == "sdpa":
+        model.language_model.set_attn_implementation(PACKED_SDPA)
+
+
 def segment_attention(segment_ids: torch.Tensor, text_config: Any, dtype: torch.dtype) -> dict[str, Any]:
     """Attention arguments that keep each packed sample to itself.
 
-    Flash attention gets the boundaries as cumulative lengths over the flattened batch (its varlen
-    kernel, as upstream); every other kernel a 4D mask, causal within a sample and empty across
-    samples (transformers uses a 4D mask as given). Padding (-1) forms its own segment."""
+    Flash attention and ``vitp_packed_sdpa`` get the boundaries as cumulative lengths over the
+    flattened batch (their varlen paths); any other kernel a 4D mask, causal within a sample and empty
+    across samples (transformers uses a 4D mask as given). Padding (-1) forms its own segment."""
     implementation = getattr(text_config, "_attn_implementation", None) or "sdpa"
-    if implementation.startswith("flash_attention"):
+    if implementation.startswith("flash_attention") or implementation == PACKED_SDPA:
         flat = segment_ids.reshape(-1)
         rows = torch.arange(segment_ids.shape[0], device=flat.device).repeat_interleave(segment_ids.shape[1])
         starts = torch.ones_like(flat, dtype=torch.bool)

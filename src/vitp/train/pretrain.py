@@ -35,7 +35,7 @@ from vitp.data.tokenizer import load_tokenizer
 from vitp.errors import ConfigError, WeightFormatError
 from vitp.model.checkpoint import build_vlm, load_vlm, load_vlm_weights, save_vlm
 from vitp.model.projector import load_projector_weights
-from vitp.model.vlm import VisionLanguageModel, count_samples
+from vitp.model.vlm import VisionLanguageModel, count_samples, use_packed_attention
 from vitp.tensor_io import open_tensor_source
 from vitp.train import lora
 from vitp.train.arguments import (
@@ -91,6 +91,7 @@ def pretrain(model_args: ModelArguments, data_args: DataTrainingArguments, train
     dataset = InstructionDataset(specs, tokenizer, settings, train=True, replace_bad=not data_args.use_packed_ds)
     require_samples_per_epoch(specs, [len(index) for index in dataset.indexes])
     if data_args.use_packed_ds:
+        use_packed_attention(model)
         strict = data_args.strict_mode
         collator = PackedCollator(tokenizer.pad_token_id, data_args.loss_reduction,
                                   strict_tokens=data_args.max_packed_tokens if strict else None,
