@@ -11,7 +11,7 @@ from vitp.data.build import BuildError, build_instructions, format_value, holdou
 from vitp.data.check import check_data
 from vitp.data.tokenizer import load_tokenizer
 
-from conftest import save_image, settings
+from data_testing import save_image, settings
 
 CLASSES = ("open_water", "dense_forest", "farmland", "marsh")
 

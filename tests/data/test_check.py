@@ -9,7 +9,7 @@ from vitp.data.check import DataSettingsError, check_data, validate_data_setting
 from vitp.data.meta import read_meta
 from vitp.data.tokenizer import save_tokenizer
 
-from conftest import conversation, save_image, settings, write_dataset
+from data_testing import conversation, save_image, settings, write_dataset
 
 SETTINGS = settings(num_image_token=4, max_dynamic_patch=6, max_seq_length=4096,
                         system_message="s")

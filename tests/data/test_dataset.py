@@ -7,7 +7,7 @@ from vitp.data.dataset import Collator, InstructionDataset
 from vitp.data.meta import MetaError, read_meta
 from vitp.data.templates import IGNORE_INDEX
 
-from conftest import conversation, save_image, settings, write_dataset
+from data_testing import conversation, save_image, settings, write_dataset
 
 SETTINGS = settings(num_image_token=4, max_dynamic_patch=6, max_seq_length=2048,
                         system_message="Answer briefly.")

@@ -17,7 +17,7 @@ from vitp.data.meta import (
     samples_per_epoch,
 )
 
-from conftest import conversation, write_dataset
+from data_testing import conversation, write_dataset
 
 
 def test_jsonl_index_gives_random_access_with_real_line_numbers(tmp_path):

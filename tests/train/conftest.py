@@ -1,8 +1,7 @@
-"""Fixtures of the training tests: a small image + conversation data set with its tokenizer, tiny
-checkpoints, and the arguments of a small CPU run."""
+"""Fixtures of the training tests: a small image + conversation data set with its tokenizer and tiny
+checkpoints (helpers are in train_testing.py)."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,8 +10,6 @@ from PIL import Image
 from vitp.data.build import build_instructions
 from vitp.data.tokenizer import conversation_texts, load_tokenizer, save_tokenizer, train_tokenizer
 from vitp.model.checkpoint import build_vlm, save_vlm
-from vitp.train.arguments import pretrain_arguments
-from vitp.train.pretrain import pretrain
 
 COLOURS = {"water": (30, 60, 170), "forest": (30, 120, 40), "sand": (200, 180, 120)}
 
@@ -56,24 +53,3 @@ def tiny_qwen2_checkpoint(workspace):
         tokenizer = load_tokenizer(workspace / "tok")
         save_vlm(build_vlm("internvl-tiny", tokenizer), directory, tokenizer)
     return directory
-
-
-def config(workspace, output, **overrides):
-    """The three argument objects of a small CPU run (ViTP's dynamic tiles; no gradient checkpointing)."""
-    values = dict(
-        meta_path=str(workspace / "data" / "meta.json"), output_dir=str(output), model_preset="internvl-tiny",
-        tokenizer=str(workspace / "tok"), force_image_size=56, max_dynamic_patch=2, dynamic_image_size=True,
-        use_thumbnail=True, system_message="Answer.", max_steps=6, learning_rate=2e-3, per_device_train_batch_size=4,
-        logging_steps=1, save_steps=3, dataloader_num_workers=0, report_to="none", seed=7, grad_checkpoint=False,
-    )
-    values.update(overrides)
-    return pretrain_arguments(**values)
-
-
-def run(workspace, output, **overrides) -> Path:
-    return pretrain(*config(workspace, output, **overrides))
-
-
-def logged_losses(checkpoint: Path) -> dict[int, float]:
-    history = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["log_history"]
-    return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}

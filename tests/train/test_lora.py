@@ -12,7 +12,7 @@ from transformers import InternVLForConditionalGeneration
 
 from vitp.model.checkpoint import load_vlm
 
-from conftest import logged_losses, run
+from train_testing import logged_losses, run
 
 FROZEN = dict(freeze_llm=True, freeze_backbone=True, freeze_mlp=True, max_steps=3, save_steps=3, learning_rate=5e-3)
 

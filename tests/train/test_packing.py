@@ -16,7 +16,7 @@ from vitp.model.checkpoint import build_vlm
 from vitp.train.arguments import DataTrainingArguments
 from vitp.train.packing import PackedBatchSampler, PackedCollator, PackedItems, PackPlanner, sample_stream
 
-from conftest import logged_losses, run
+from train_testing import logged_losses, run
 
 
 def test_planner_follows_upstreams_buffers():

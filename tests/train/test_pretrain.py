@@ -18,7 +18,7 @@ from vitp.formats import load_vit
 from vitp.model.checkpoint import load_vlm
 from vitp.train.export import export_vit
 
-from conftest import logged_losses, run
+from train_testing import logged_losses, run
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

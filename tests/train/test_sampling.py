@@ -9,7 +9,7 @@ import torch
 
 from vitp.train.sampling import LengthGroupedSampler, ResamplingSampler, even_chunks, length_grouped_indices
 
-from conftest import run
+from train_testing import run
 
 
 def test_length_groups_are_megabatches_sorted_longest_first_and_dealt_evenly():

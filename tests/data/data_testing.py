@@ -1,4 +1,5 @@
-"""Fixtures for the data tests: images, JSONL files and meta JSONs written by the tests."""
+"""Helpers of the data tests (a module with a unique name, importable from every test folder): images,
+JSONL files and meta JSONs written by the tests, and data settings."""
 
 import json
 
