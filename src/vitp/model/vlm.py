@@ -386,9 +386,9 @@ def answer_loss(
     losses = F.cross_entropy(logits, targets[selected], reduction="none", label_smoothing=label_smoothing)
     weights = torch.ones_like(losses) if loss_weight is None else loss_weight[:, 1:][selected].float()
     total = (losses * weights).sum()
-    if num_items_in_batch is not None:
-        return total / num_items_in_batch, count
-    return total / weights.sum().clamp(min=1e-12), count
+    denominator = weights.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)
+    # a step without any supervised token (every sample of a packed batch failed to build) learns nothing
+    return total / denominator.to(total.device).clamp(min=1e-12), count
 
 
 def choice_loss(hidden: torch.Tensor, lm_head: nn.Module, classify: Sequence[tuple[int, ClassifyTarget]]) -> torch.Tensor:
