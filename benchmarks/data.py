@@ -20,10 +20,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vitp.data.dataset import Collator, DataSettings, InstructionDataset
+from vitp.data.dataset import Collator, InstructionDataset, data_settings
 from vitp.data.meta import Turn, read_meta
-from vitp.data.template import IMG_CONTEXT, IMG_END, IMG_START, ConversationTokenizer, prepare_tokenizer
+from vitp.data.templates import IMG_CONTEXT, IMG_END, IMG_START, ConversationTokenizer, prepare_tokenizer
 from vitp.data.tokenizer import train_tokenizer
+from vitp.train.arguments import DataTrainingArguments
 
 SIZES = [(1024, 768), (768, 1024), (1600, 800), (600, 600), (2000, 1000), (900, 1200)]
 QUESTION = "<image>\nDescribe the land cover of this scene and estimate the water fraction."
@@ -88,7 +89,9 @@ def main() -> None:
         meta_path = make_dataset(Path(directory), args.images)
         tokenizer = train_tokenizer([QUESTION, ANSWER] * 20, vocab_size=400)
         prepare_tokenizer(tokenizer)
-        settings = DataSettings(force_image_size=448, num_image_token=256, max_dynamic_patch=6, use_thumbnail=True)
+        flags = DataTrainingArguments(dynamic_image_size=True, use_thumbnail=True, max_dynamic_patch=6,
+                                      conv_style="internvl2_5")
+        settings = data_settings(flags, force_image_size=448, num_image_token=256)
         dataset = InstructionDataset(read_meta(meta_path), tokenizer, settings)
         collator = Collator(tokenizer.pad_token_id)
         serial, serial_tiles = samples_per_second(dataset, collator, args.batch_size, 0)

@@ -28,7 +28,7 @@ from vitp.model.checkpoint import save_vlm
 from vitp.model.tmaug import TMAugConfig
 from vitp.model.vision import PRESETS
 from vitp.model.vlm import VisionLanguageModel, VLMConfig
-from vitp.data.template import IMG_CONTEXT, prepare_tokenizer
+from vitp.data.templates import IMG_CONTEXT, prepare_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TEXT = dict(model_type="qwen2", hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,

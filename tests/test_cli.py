@@ -56,3 +56,36 @@ def test_console_script_reports_errors_without_traceback(tmp_path):
     assert result.returncode == 2
     assert "error: " in result.stderr and "no such file or directory" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_data_convert_is_upstreams_json2jsonl_keeping_the_system_turn(tmp_path, capsys):
+    import json
+
+    samples = [{"image": "a.jpg", "conversations": [{"from": "system", "value": "Sei breve."},
+                                                    {"from": "human", "value": "<image>\n这是什么?"},
+                                                    {"from": "gpt", "value": "港口"}]},
+               {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "ho"}]}]
+    (tmp_path / "data.json").write_text(json.dumps(samples), encoding="utf-8")
+    assert main(["data", "convert", str(tmp_path / "data.json")]) == 0
+    assert "wrote 2 samples" in capsys.readouterr().out
+    text = (tmp_path / "data.jsonl").read_text(encoding="utf-8")
+    assert "这是什么" in text  # non-ASCII kept as it is, as upstream writes it
+    first, second = (json.loads(line) for line in text.splitlines())
+    assert first["conversations"][0] == {"from": "system", "value": "Sei breve."} and first["id"] == 0
+    assert second["id"] == 1
+    (tmp_path / "bad.json").write_text('{"not": "a list"}')
+    assert main(["data", "convert", str(tmp_path / "bad.json")]) == 2
+    assert "expected a JSON list of samples" in capsys.readouterr().err
+
+
+def test_pretrain_help_lists_upstreams_flags(capsys):
+    assert main(["pretrain", "--help"]) == 0
+    out = capsys.readouterr().out
+    for flag in ("--TMAug_prob", "--conv_style", "--use_packed_ds", "--evaluation_strategy", "--use_llm_lora", "--config"):
+        assert flag in out, flag
+
+
+def test_the_command_line_starts_without_importing_transformers():
+    code = "import sys; from vitp.cli import build_parser; build_parser(); print('transformers' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "False", result.stderr[-2000:]

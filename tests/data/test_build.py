@@ -9,10 +9,9 @@ import pytest
 from vitp.cli import main
 from vitp.data.build import BuildError, build_instructions, format_value, holdout_count
 from vitp.data.check import check_data
-from vitp.data.dataset import DataSettings
 from vitp.data.tokenizer import load_tokenizer
 
-from conftest import save_image
+from data_testing import save_image, settings
 
 CLASSES = ("open_water", "dense_forest", "farmland", "marsh")
 
@@ -82,8 +81,8 @@ def test_built_data_passes_the_checks_and_trains_a_tokenizer(class_folders, tmp_
     assert len(tokenizer) == 320
     for token in ("<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>"):
         assert tokenizer.tokenize(f"a{token}b")[1] == token
-    settings = DataSettings(force_image_size=28, num_image_token=4, max_dynamic_patch=4, system_message="s")
-    report = check_data(tmp_path / "out" / "meta.json", settings, tokenizer, progress=False)
+    custom = settings(num_image_token=4, max_dynamic_patch=4, system_message="s")
+    report = check_data(tmp_path / "out" / "meta.json", custom, tokenizer, progress=False)
     assert report.ok and not report.warnings and report.datasets[0].usable == 40
 
 

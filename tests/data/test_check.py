@@ -6,13 +6,12 @@ import pytest
 
 from vitp.cli import main
 from vitp.data.check import DataSettingsError, check_data, validate_data_settings
-from vitp.data.dataset import DataSettings
 from vitp.data.meta import read_meta
 from vitp.data.tokenizer import save_tokenizer
 
-from conftest import conversation, save_image, write_dataset
+from data_testing import conversation, save_image, settings, write_dataset
 
-SETTINGS = DataSettings(force_image_size=28, num_image_token=4, max_dynamic_patch=6, max_seq_length=4096,
+SETTINGS = settings(num_image_token=4, max_dynamic_patch=6, max_seq_length=4096,
                         system_message="s")
 
 
@@ -63,9 +62,9 @@ def test_truncation_is_found_with_a_tokenizer(tmp_path, bpe_tokenizer):
         {"conversations": conversation("hi", "A harbour with many boats. " * 30)},
     ]
     meta_path = write_dataset(tmp_path, lines)
-    settings = DataSettings(force_image_size=28, num_image_token=16, max_dynamic_patch=6, max_seq_length=60,
+    custom = settings(num_image_token=16, max_dynamic_patch=6, max_seq_length=60,
                             system_message="s")
-    report = check_data(meta_path, settings, bpe_tokenizer, progress=False)
+    report = check_data(meta_path, custom, bpe_tokenizer, progress=False)
     (problem,) = report.problems
     assert "ds.jsonl:1: " in problem and "would cut image 1" in problem
     (warning,) = report.warnings
@@ -184,9 +183,9 @@ def test_impossible_data_settings_are_refused_before_reading_data(tmp_path, caps
 
 def test_dataset_max_dynamic_patch_below_the_global_minimum(tmp_path):
     meta_path = write_dataset(tmp_path, [{"conversations": conversation("hi", "ho")}], max_dynamic_patch=2)
-    settings = DataSettings(force_image_size=28, num_image_token=4, min_dynamic_patch=3, max_dynamic_patch=6)
-    report = check_data(meta_path, settings, progress=False)
+    custom = settings(num_image_token=4, min_dynamic_patch=3, max_dynamic_patch=6)
+    report = check_data(meta_path, custom, progress=False)
     assert "dataset 'ds': its max_dynamic_patch 2 is below --min_dynamic_patch 3" in report.problems[0]
     with pytest.raises(DataSettingsError, match="max_dynamic_patch 2 is below"):
-        validate_data_settings(settings, patch_size=14, specs=read_meta(meta_path))
+        validate_data_settings(custom, patch_size=14, specs=read_meta(meta_path))
     validate_data_settings(SETTINGS, patch_size=14, specs=read_meta(meta_path))  # fine: no error

@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from vitp.data.dataset import Collator, DataSettings, InstructionDataset
+from vitp.data.dataset import Collator, InstructionDataset
 from vitp.data.meta import MetaError, read_meta
-from vitp.data.template import IGNORE_INDEX
+from vitp.data.templates import IGNORE_INDEX
 
-from conftest import conversation, save_image, write_dataset
+from data_testing import conversation, save_image, settings, write_dataset
 
-SETTINGS = DataSettings(force_image_size=28, num_image_token=4, max_dynamic_patch=6, max_seq_length=2048,
+SETTINGS = settings(num_image_token=4, max_dynamic_patch=6, max_seq_length=2048,
                         system_message="Answer briefly.")
 
 
@@ -90,10 +90,10 @@ def test_data_that_is_almost_all_bad_stops_with_the_reasons(tmp_path, bpe_tokeni
 
 def test_sample_whose_image_would_be_cut_is_dropped(tmp_path, bpe_tokenizer):
     save_image(tmp_path / "images" / "wide.png", 600, 100)
-    settings = DataSettings(force_image_size=28, num_image_token=64, max_dynamic_patch=6, max_seq_length=200,
+    custom = settings(num_image_token=64, max_dynamic_patch=6, max_seq_length=200,
                             system_message="s")
     lines = [{"image": "wide.png", "conversations": conversation()}, {"conversations": conversation("hi", "ho")}]
-    item = dataset_of(tmp_path, lines, bpe_tokenizer, settings=settings)[0]
+    item = dataset_of(tmp_path, lines, bpe_tokenizer, settings=custom)[0]
     assert item["num_tiles"] == 0 and item["where"].endswith(":2")
     (where, kind, reason), = item["dropped"]
     assert kind == "too long" and "would cut image 1" in reason
@@ -141,7 +141,13 @@ def test_collator_pads_to_the_longest_sample_and_maps_tiles(tmp_path, bpe_tokeni
     assert (batch["labels"][short, min(lengths):] == IGNORE_INDEX).all()
     assert batch["attention_mask"].sum(1).tolist() == lengths
     assert batch["pixel_values"].shape == (3, 3, 28, 28)
-    assert batch["num_tiles"].tolist() == [3, 0] and batch["tile_sample_index"].tolist() == [0, 0, 0]
+    assert batch["num_tiles"].tolist() == [3, 0]
+    assert torch.equal(batch["loss_weight"] > 0, batch["labels"] != IGNORE_INDEX)  # 'token': weight 1 each
+    counts = (batch["labels"] != IGNORE_INDEX).sum(1, keepdim=True)
+    by_sample = Collator(bpe_tokenizer.pad_token_id, "sample")(samples)["loss_weight"]
+    assert torch.allclose(by_sample.sum(1), torch.ones(2))  # 'sample': every sample weighs 1
+    square = Collator(bpe_tokenizer.pad_token_id, "square")(samples)["loss_weight"]
+    assert torch.allclose(square.sum(1, keepdim=True), counts.float().sqrt())
 
 
 def test_works_with_a_dataloader_and_workers(tmp_path, bpe_tokenizer):
@@ -160,8 +166,52 @@ def test_shared_budget_below_min_dynamic_patch_gives_one_tile_per_image_as_upstr
     and keeps the image as one tile, where a strict check would stop training."""
     for name in "abcd":
         save_image(tmp_path / "images" / f"{name}.png", 300, 100)
-    settings = DataSettings(force_image_size=28, num_image_token=4, min_dynamic_patch=2, max_dynamic_patch=6,
+    custom = settings(num_image_token=4, min_dynamic_patch=2, max_dynamic_patch=6,
                             max_seq_length=2048, system_message="s")
     line = {"image": [f"{n}.png" for n in "abcd"], "conversations": conversation("<image>" * 4 + "\nSame?", "Yes.")}
-    item = dataset_of(tmp_path, [line], bpe_tokenizer, settings=settings)[0]
+    item = dataset_of(tmp_path, [line], bpe_tokenizer, settings=custom)[0]
     assert item["dropped"] == [] and item["num_tiles"] == 4
+
+
+def test_measure_predicts_the_built_sample_without_decoding_it(tmp_path, bpe_tokenizer):
+    for i, size in enumerate([(200, 100), (60, 60), (90, 300)]):
+        save_image(tmp_path / "images" / f"{i}.png", *size)
+    lines = [{"image": "0.png", "conversations": conversation()},
+             {"image": ["1.png", "2.png"], "conversations": conversation("<image><image>\nSame?", "No.")},
+             {"conversations": conversation("hi", "ho")}]
+    data = dataset_of(tmp_path, lines, bpe_tokenizer)
+    for index in range(3):
+        item = data[index]
+        assert data.measure(index) == (len(item["input_ids"]), item["num_tiles"])
+
+
+@pytest.mark.parametrize("normalize_type, mean", [("imagenet", (0.485, 0.456, 0.406)), ("siglip", (0.5, 0.5, 0.5))])
+def test_normalisation_and_pad_to_square(tmp_path, bpe_tokenizer, normalize_type, mean):
+    from PIL import Image
+
+    (tmp_path / "images").mkdir(parents=True)
+    Image.new("RGB", (56, 28), (255, 255, 255)).save(tmp_path / "images" / "white.png")
+    line = {"image": "white.png", "conversations": conversation()}
+    flat = settings(dynamic_image_size=False, normalize_type=normalize_type, system_message="s")
+    tile = dataset_of(tmp_path, [line], bpe_tokenizer, settings=flat)[0]["pixel_values"][0]
+    std = {"imagenet": (0.229, 0.224, 0.225), "siglip": (0.5, 0.5, 0.5)}[normalize_type]
+    white = torch.tensor([(1 - m) / s for m, s in zip(mean, std)])
+    assert torch.allclose(tile.mean(dim=(1, 2)), white, atol=1e-3)  # a whole white tile
+    padded = settings(dynamic_image_size=False, normalize_type=normalize_type, pad2square=True, system_message="s")
+    tile = dataset_of(tmp_path, [line], bpe_tokenizer, settings=padded)[0]["pixel_values"][0]
+    # the 2:1 image centred on a square of the mean colour (which normalises to about 0)
+    assert torch.allclose(tile[:, 14, :], white.unsqueeze(1).expand(3, 28), atol=0.05)
+    assert tile[:, :5, :].abs().max() < 0.05 and tile[:, -5:, :].abs().max() < 0.05
+
+
+def test_template_and_classifier_targets_reach_the_batch(tmp_path, bpe_tokenizer):
+    save_image(tmp_path / "images" / "a.png", 40, 40)
+    lines = [{"image": "a.png", "conversations": conversation("<cls>Which one? Options: sea|forest. Say it.", "sea")},
+             {"conversations": conversation("hi", "ho")}]
+    data = dataset_of(tmp_path, lines, bpe_tokenizer, settings=settings(use_classifier=True, system_message="s"))
+    batch = Collator(bpe_tokenizer.pad_token_id)([data[0], data[1]])
+    ((row, target),) = batch["classify"]
+    assert row == 0 and batch["input_ids"][0, target.position] == target.answer_id
+    hermes = dataset_of(tmp_path, lines, bpe_tokenizer, settings=settings(conv_style="Hermes-2", system_message="s"))
+    text = bpe_tokenizer.decode(hermes[1]["input_ids"])
+    assert text == "<|im_start|>system\ns<|im_end|><|im_start|>user\nhi<|im_end|><|im_start|>assistant\nho<|im_end|>"

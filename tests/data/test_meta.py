@@ -17,7 +17,7 @@ from vitp.data.meta import (
     samples_per_epoch,
 )
 
-from conftest import conversation, write_dataset
+from data_testing import conversation, write_dataset
 
 
 def test_jsonl_index_gives_random_access_with_real_line_numbers(tmp_path):
@@ -160,6 +160,8 @@ BAD_LINES = [
      "turn 1: lone surrogate '\\ud800'", "invalid text"),
     (r'{"image": "a\udc80.jpg", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "a"}]}',
      "image path: lone surrogate", "invalid text"),
+    ('{"video": "clip.mp4", "conversations": [{"from": "human", "value": "<video>\\nWhat?"}, {"from": "gpt", "value": "a"}]}',
+     "video samples are not supported", "video"),
 ]
 
 

@@ -5,7 +5,7 @@ import pytest
 from vitp.cli import main
 from vitp.data.tokenizer import MIN_VOCAB_SIZE, TokenizerError, train_tokenizer, train_tokenizer_on_meta
 
-from conftest import conversation, write_dataset
+from data_testing import conversation, write_dataset
 
 LONE_SURROGATE = r'{"conversations": [{"from": "human", "value": "A \ud800"}, {"from": "gpt", "value": "a"}]}'
 

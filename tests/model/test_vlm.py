@@ -187,3 +187,116 @@ def test_loaded_model_is_real_tied_and_trainable(tiny_vlm, bpe_tokenizer, tmp_pa
     ids = torch.tensor([[40, 41, 42, 43]])
     loaded(ids, torch.ones_like(ids), labels=ids.clone()).loss.backward()
     assert all(p.requires_grad and p.grad is not None for p in loaded.parameters())
+
+
+def pack(rows):
+    """Samples (ids, labels, tiles) laid into one row: segment ids, positions restarting per sample."""
+    ids = torch.tensor([[t for row, _, _ in rows for t in row]])
+    labels = torch.tensor([[t for _, row, _ in rows for t in row]])
+    segments = torch.tensor([[s for s, (row, _, _) in enumerate(rows) for _ in row]])
+    positions = torch.tensor([[p for row, _, _ in rows for p in range(len(row))]])
+    return ids, labels, segments, positions, torch.tensor([sum(tiles for _, _, tiles in rows)])
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager", "vitp_packed_sdpa"])
+def test_packed_samples_do_not_see_each_other(tiny_vlm, bpe_tokenizer, implementation):
+    """Each sample's loss in a packed row equals its loss alone: attention stays within a sample."""
+    tiny_vlm.language_model.set_attn_implementation(implementation)
+    ids, mask, labels, pixels, tiles = multi_image_batch(tiny_vlm, bpe_tokenizer.pad_token_id)
+    lengths = mask.sum(1).tolist()
+    samples = [(ids[r, :n].tolist(), labels[r, :n].tolist(), int(tiles[r])) for r, n in enumerate(lengths)]
+    text_only = ([40, 41, 42, 43, 44, 45], [-100, -100, 42, 43, 44, 45], 0)
+    samples.append(text_only)
+    with torch.no_grad():
+        alone = []
+        for r, (row, label, count) in enumerate(samples):
+            first = sum(t for _, _, t in samples[:r])
+            alone.append(tiny_vlm(torch.tensor([row]), torch.ones(1, len(row), dtype=torch.long),
+                                  pixels[first : first + count], torch.tensor([count]),
+                                  labels=torch.tensor([label])).loss)
+        packed_ids, packed_labels, segments, positions, packed_tiles = pack(samples)
+        for k in range(len(samples)):
+            only_k = torch.where(segments == k, packed_labels, torch.full_like(packed_labels, -100))
+            loss = tiny_vlm(packed_ids, torch.ones_like(packed_ids), pixels, packed_tiles, labels=only_k,
+                            position_ids=positions, segment_ids=segments).loss
+            assert torch.allclose(loss, alone[k], atol=1e-5), (k, loss, alone[k])
+        # and the whole pack: the token-weighted mean of the samples' losses
+        counts = torch.tensor([sum(1 for v in label[1:] if v != -100) for _, label, _ in samples], dtype=torch.float)
+        whole = tiny_vlm(packed_ids, torch.ones_like(packed_ids), pixels, packed_tiles, labels=packed_labels,
+                         position_ids=positions, segment_ids=segments).loss
+        assert torch.allclose(whole, (torch.stack(alone) * counts).sum() / counts.sum(), atol=1e-5)
+
+
+def test_loss_weights_reduce_per_sample(tiny_vlm, bpe_tokenizer):
+    """Upstream's loss_reduction 'sample': every sample weighs 1/its supervised tokens."""
+    ids, mask, labels, pixels, tiles = multi_image_batch(tiny_vlm, bpe_tokenizer.pad_token_id)
+    counts = (labels[:, 1:] != -100).sum(1)
+    weights = torch.where(labels != -100, 1.0 / counts.unsqueeze(1).float(), torch.zeros(labels.shape))
+    with torch.no_grad():
+        per_sample = [tiny_vlm(ids[r : r + 1], mask[r : r + 1], pixels[[0, 1, 2]] if r == 0 else pixels[3:],
+                               tiles[r : r + 1], labels=labels[r : r + 1]).loss for r in range(2)]
+        reduced = tiny_vlm(ids, mask, pixels, tiles, labels=labels, loss_weight=weights).loss
+    assert torch.allclose(reduced, torch.stack(per_sample).mean(), atol=1e-5)
+
+
+def test_classifier_loss_is_the_choice_cross_entropy(tiny_vlm, bpe_tokenizer):
+    from vitp.data.templates import ClassifyTarget
+
+    ids, mask, labels, pixels, tiles = multi_image_batch(tiny_vlm, bpe_tokenizer.pad_token_id)
+    position = int((labels[1] != -100).nonzero()[0])
+    request = (1, ClassifyTarget(position, (42, 46, int(ids[1, position])), int(ids[1, position])))
+    with torch.no_grad():
+        plain = tiny_vlm(ids, mask, pixels, tiles, labels=labels)
+        out = tiny_vlm(ids, mask, pixels, tiles, labels=labels, classify=[request], return_logits=True)
+    logits = out.logits[1, position - 1, list(request[1].choice_ids)]
+    expected = torch.nn.functional.cross_entropy(logits, torch.tensor(2), label_smoothing=0.01) / 2  # 2 samples
+    assert torch.allclose(out.classifier_loss, expected, atol=1e-6)
+    assert torch.allclose(out.loss, plain.loss + expected, atol=1e-6)
+
+
+def test_tsaug_and_tmaug_act_per_sample_in_training(bpe_tokenizer):
+    torch.manual_seed(0)
+    model = build_vlm("internvl-tiny", bpe_tokenizer, TMAugConfig(prob=1.0, ratio=0.5)).train()
+    model.tsaug_prob = 1.0
+    ids, mask, labels, pixels, tiles = multi_image_batch(model, bpe_tokenizer.pad_token_id)
+    out = model(ids, mask, pixels, tiles, labels=labels)
+    assert out.tmaug == {"tsaug_samples": 2, "tmaug_samples": 2, "tmaug_tokens": 24 + 16, "samples": 2}
+    out.loss.backward()
+
+
+@pytest.mark.gpu
+def test_packed_attention_on_cuda_matches_each_sample_alone(tiny_vlm, bpe_tokenizer):
+    from transformers.utils import is_flash_attn_2_available
+
+    model = tiny_vlm.cuda().to(torch.bfloat16)
+    for implementation in ["sdpa"] + (["flash_attention_2"] if is_flash_attn_2_available() else []):
+        model.language_model.set_attn_implementation(implementation)
+        ids, mask, labels, pixels, tiles = multi_image_batch(model, bpe_tokenizer.pad_token_id)
+        lengths = mask.sum(1).tolist()
+        samples = [(ids[r, :n].tolist(), labels[r, :n].tolist(), int(tiles[r])) for r, n in enumerate(lengths)]
+        packed_ids, packed_labels, segments, positions, packed_tiles = (t.cuda() for t in pack(samples))
+        with torch.no_grad():
+            for k, (row, label, count) in enumerate(samples):
+                first = sum(t for _, _, t in samples[:k])
+                alone = model(torch.tensor([row]).cuda(), torch.ones(1, len(row), dtype=torch.long).cuda(),
+                              pixels[first : first + count].cuda(), torch.tensor([count]).cuda(),
+                              labels=torch.tensor([label]).cuda()).loss
+                only_k = torch.where(segments == k, packed_labels, torch.full_like(packed_labels, -100))
+                loss = model(packed_ids, torch.ones_like(packed_ids), pixels.cuda(), packed_tiles, labels=only_k,
+                             position_ids=positions, segment_ids=segments).loss
+                assert torch.allclose(loss, alone, rtol=2e-2), (implementation, k, loss, alone)
+
+
+def test_projector_weights_from_upstreams_mlp_file(tiny_vlm, bpe_tokenizer, tmp_path):
+    """--mlp_path: the projector state dict as InternVL's tools/extract_mlp.py saves it (torch.save)."""
+    from vitp.errors import WeightFormatError
+    from vitp.model.projector import load_projector_weights
+
+    other = randomize_(build_vlm("internvl-tiny", bpe_tokenizer), seed=3)
+    torch.save(other.mlp1.state_dict(), tmp_path / "mlp_projector.pth")
+    load_projector_weights(tiny_vlm.mlp1, tmp_path / "mlp_projector.pth")
+    assert all(torch.equal(a, b) for a, b in zip(tiny_vlm.mlp1.state_dict().values(), other.mlp1.state_dict().values()))
+    broken = {k: v for k, v in other.mlp1.state_dict().items() if k != "3.bias"}
+    torch.save({**broken, "0.weight": torch.zeros(3)}, tmp_path / "wrong.pth")
+    with pytest.raises(WeightFormatError, match=r"missing \['3.bias'\].*shapes differ for \[\('0.weight'"):
+        load_projector_weights(tiny_vlm.mlp1, tmp_path / "wrong.pth")

@@ -8,62 +8,25 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 from transformers import InternVLForConditionalGeneration, InternVLVisionModel
 
 from vitp.cli import main
-from vitp.data.build import build_instructions
-from vitp.data.tokenizer import conversation_texts, save_tokenizer, train_tokenizer
 from vitp import load_vit
 from vitp.model.checkpoint import load_vlm
 from vitp.train.export import export_vit
-from vitp.train.pretrain import PretrainConfig, pretrain
+
+from train_testing import logged_losses, run
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-COLOURS = {"water": (30, 60, 170), "forest": (30, 120, 40), "sand": (200, 180, 120)}
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    """Class folders of coloured, noisy images -> instruction data -> tokenizer."""
-    root = tmp_path_factory.mktemp("pretrain")
-    rng = np.random.default_rng(0)
-    for label, colour in COLOURS.items():
-        for i in range(8):
-            size = (int(rng.integers(48, 120)), int(rng.integers(48, 120)))
-            pixels = np.clip(np.array(colour) + rng.normal(0, 25, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
-            path = root / "images" / label / f"{i}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(pixels).save(path)
-    build_instructions(root / "images", root / "data", seed=0, progress=False)
-    tokenizer = train_tokenizer(conversation_texts(root / "data" / "meta.json"), vocab_size=320)
-    save_tokenizer(tokenizer, root / "tok")
-    return root
-
-
-def config(workspace, output, **overrides):
-    values = dict(
-        meta_path=str(workspace / "data" / "meta.json"), output_dir=str(output), model_preset="internvl-tiny",
-        tokenizer=str(workspace / "tok"), force_image_size=56, max_dynamic_patch=2, system_message="Answer.",
-        max_steps=6, learning_rate=2e-3, per_device_train_batch_size=4, logging_steps=1, save_steps=3,
-        dataloader_num_workers=0, report_to="none", seed=7, warmup_ratio=0.0,
-    )
-    values.update(overrides)
-    return PretrainConfig(**values)
-
-
-def logged_losses(output):
-    history = json.loads((Path(output) / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
-    return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
-
-
+@pytest.mark.slow
 def test_loss_falls_and_the_run_writes_everything(workspace, tmp_path):
-    output = pretrain(config(workspace, tmp_path / "run", max_steps=40, save_steps=10, save_total_limit=2,
-                             logging_steps=5, drop_path_rate=0.1, TMAug_prob=0.5, report_to="tensorboard"))
+    output = run(workspace, tmp_path / "run", max_steps=40, save_steps=10, save_total_limit=2,
+                 logging_steps=5, drop_path_rate=0.1, TMAug_prob=0.5, report_to="tensorboard")
     history = json.loads((output / "checkpoint-40" / "trainer_state.json").read_text())["log_history"]
     losses = [entry["loss"] for entry in history if "loss" in entry]
     assert losses[-1] < 0.7 * losses[0]
@@ -76,14 +39,15 @@ def test_loss_falls_and_the_run_writes_everything(workspace, tmp_path):
     assert list((output / "runs").rglob("events.out.tfevents.*")), "no TensorBoard event file"
 
 
+@pytest.mark.slow
 def test_resume_repeats_the_uninterrupted_loss_sequence(workspace, tmp_path):
     full = tmp_path / "full"
-    pretrain(config(workspace, full, drop_path_rate=0.1, tmaug_prob=0.5, tmaug_ratio=0.5))
+    run(workspace, full, drop_path_rate=0.1, tmaug_prob=0.5, tmaug_ratio=0.5)
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(full / "checkpoint-3", resumed / "checkpoint-3")  # as if killed after step 3
-    pretrain(config(workspace, resumed, drop_path_rate=0.1, tmaug_prob=0.5, tmaug_ratio=0.5))
-    first, second = logged_losses(full), logged_losses(resumed)
+    run(workspace, resumed, drop_path_rate=0.1, tmaug_prob=0.5, tmaug_ratio=0.5)
+    first, second = logged_losses(full / "checkpoint-6"), logged_losses(resumed / "checkpoint-6")
     assert sorted(second) == [1, 2, 3, 4, 5, 6]
     for step in (4, 5, 6):
         assert second[step] == pytest.approx(first[step], abs=1e-6), step
@@ -92,11 +56,12 @@ def test_resume_repeats_the_uninterrupted_loss_sequence(workspace, tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+@pytest.mark.slow
 def test_freezing_flags_keep_weights_fixed(workspace, tmp_path):
-    output = pretrain(config(workspace, tmp_path / "frozen", max_steps=2, save_steps=100,
-                             freeze_llm=True, freeze_mlp=True))
+    output = run(workspace, tmp_path / "frozen", max_steps=2, save_steps=100,
+                 freeze_llm=True, freeze_mlp=True)
     untouched = tmp_path / "init"
-    pretrain(config(workspace, untouched, max_steps=2, save_steps=100, learning_rate=0.0))
+    run(workspace, untouched, max_steps=2, save_steps=100, learning_rate=0.0)
     trained, initial = load_file(output / "model.safetensors"), load_file(untouched / "model.safetensors")
     for key in trained:
         same = torch.equal(trained[key], initial[key])
@@ -105,6 +70,7 @@ def test_freezing_flags_keep_weights_fixed(workspace, tmp_path):
     assert not all(torch.equal(trained[k], initial[k]) for k in trained if k.startswith("vision_tower."))
 
 
+@pytest.mark.slow
 def test_bad_lines_are_skipped_and_training_continues(workspace, tmp_path, caplog):
     data = tmp_path / "data"
     shutil.copytree(workspace / "data", data)
@@ -116,10 +82,11 @@ def test_bad_lines_are_skipped_and_training_continues(workspace, tmp_path, caplo
     meta["images"]["root"] = str(workspace / "images")
     (data / "meta.json").write_text(json.dumps(meta))
     with caplog.at_level("WARNING", logger="vitp"):
-        pretrain(config(workspace, tmp_path / "run", meta_path=str(data / "meta.json"), max_steps=8, save_steps=100))
+        run(workspace, tmp_path / "run", meta_path=str(data / "meta.json"), max_steps=8, save_steps=100)
     assert caplog.text.count("images.jsonl:2 (invalid JSON)") == 1
 
 
+@pytest.mark.slow
 def test_cli_with_a_yaml_config_and_upstream_boolean_spelling(workspace, tmp_path, capsys):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
@@ -134,8 +101,9 @@ def test_cli_with_a_yaml_config_and_upstream_boolean_spelling(workspace, tmp_pat
     assert history["global_step"] == 2  # the command line's --max_steps beat the file's 50
 
 
+@pytest.mark.slow
 def test_export_vit_is_bit_exact_and_loads_everywhere(workspace, tmp_path):
-    output = pretrain(config(workspace, tmp_path / "run", max_steps=2, save_steps=100))
+    output = run(workspace, tmp_path / "run", max_steps=2, save_steps=100)
     files = export_vit(output, tmp_path / "vit")
     assert [f.name for f in files] == ["vit.safetensors", "vit.json", "model.safetensors", "config.json"]
     model, _ = load_vlm(output)
@@ -146,6 +114,7 @@ def test_export_vit_is_bit_exact_and_loads_everywhere(workspace, tmp_path):
     assert "vision_model.embeddings.class_embedding" in load_file(tmp_path / "vit" / "vit.safetensors")
 
 
+@pytest.mark.slow
 def test_two_process_torchrun_runs_and_ends_cleanly(workspace, tmp_path):
     output = tmp_path / "ddp"
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -171,7 +140,7 @@ def test_sharding_flags_without_a_gpu_are_refused_not_ignored(workspace, tmp_pat
     base = ["pretrain", "--meta_path", str(workspace / "data" / "meta.json"), "--output_dir", str(tmp_path / "out"),
             "--model_preset", "internvl-tiny", "--tokenizer", str(workspace / "tok")]
     assert main(base + ["--fsdp", "full_shard auto_wrap", "--fsdp_config", str(CONFIGS / "fsdp.json")]) == 2
-    assert "--fsdp shards the model over GPUs, and no CUDA GPU is visible" in capsys.readouterr().err
+    assert "fsdp shards the model over GPUs, and no CUDA GPU is visible" in capsys.readouterr().err
     assert main(base + ["--fsdp", "full_shard", "--fsdp_config", str(tmp_path / "missing.json")]) == 2
     assert "missing.json: no such file" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # refused before any model was built or anything written
@@ -194,21 +163,33 @@ def test_config_file_values_are_typed_like_the_flags(tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--max_steps", "0"], "--max_steps must be at least 1"),
-    (["--max_steps", "-1"], "--max_steps must be at least 1"),  # the Trainer would run 3 epochs
-    (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be at least 1"),
+    (["--per_device_train_batch_size", "0"], "per_device_train_batch_size must be at least 1"),
     (["--TMAug_prob", "1.5"], "must be in [0, 1]"),
-    (["--tmaug_mode", "bogus"], "tmaug_mode must be one of"),
-    (["--lr_scheduler_type", "bogus"], "--lr_scheduler_type 'bogus' is not one of"),
+    (["--tmaug_mode", "bogus"], "invalid choice: 'bogus'"),
+    (["--lr_scheduler_type", "bogus"], "--lr_scheduler_type/--lr-scheduler-type: invalid choice: 'bogus'"),
     (["--min_dynamic_patch", "3", "--max_dynamic_patch", "2"], "--max_dynamic_patch 2 is below --min_dynamic_patch 3"),
     (["--freeze_llm", "--freeze_backbone", "--freeze_mlp"], "leave nothing to train"),
-    (["--vision_select_layer", "99"], "--vision_select_layer: select_layer=99 is out of range"),
+    (["--vision_select_layer", "99"], "vision_select_layer: select_layer=99 is out of range"),
+    (["--warmup_ratio", "1.5"], "warmup_ratio: must be in [0, 1)"),
+    (["--eval_strategy", "steps"], "no evaluation set"),
+    (["--evaluation_strategy", "epoch"], "no evaluation set"),
+    (["--do_train", "False"], "vitp pretrain only trains"),
+    (["--ps_version", "v1"], "implement 'v2' only"),
+    (["--use_CoT", "True"], "assert False"),
+    (["--use_packed_ds", "True"], "use_packed_ds needs max_steps"),
+    (["--use_liger", "True"], "pip install 'vitp[liger]'"),
+    (["--down_sample_ratio", "0.25"], "down_sample_ratio 0.25 differs from the model's 0.5"),
+    (["--use_classifier", "True", "--conv_style", "Hermes-2"], "internvl2_5 template only"),
+    (["--unfreeze_vit_layers", "5"], "the ViT has 2 layers"),
+    (["--max_stesp", "3"], "unrecognized arguments: --max_stesp (did you mean --max_steps?)"),
 ])
 def test_bad_settings_are_refused_with_the_flag_named(workspace, tmp_path, capsys, flags, message):
     base = ["pretrain", "--meta_path", str(workspace / "data" / "meta.json"), "--output_dir", str(tmp_path / "out"),
             "--model_preset", "internvl-tiny", "--tokenizer", str(workspace / "tok"), "--force_image_size", "56"]
-    assert main(base + flags) == 2
-    assert message in capsys.readouterr().err
+    code = main(base + flags)
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err[-2000:]
+    assert "Traceback" not in err
     assert not list(tmp_path.glob("out/checkpoint-*"))
 
 
@@ -217,17 +198,18 @@ def test_output_dir_that_is_a_file_is_refused(workspace, tmp_path):
 
     (tmp_path / "out").write_text("not a directory")
     with pytest.raises(ConfigError, match="is a file, not a directory"):
-        pretrain(config(workspace, tmp_path / "out"))
+        run(workspace, tmp_path / "out")
 
 
+@pytest.mark.slow
 def test_resume_skips_a_half_written_checkpoint_and_a_finished_run_stays_finished(workspace, tmp_path, caplog):
     output = tmp_path / "run"
-    pretrain(config(workspace, output, max_steps=4, save_steps=2, logging_steps=1))
+    run(workspace, output, max_steps=4, save_steps=2, logging_steps=1)
     assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     # a second run of the finished command: nothing trained, no checkpoint past max_steps
     with caplog.at_level("WARNING", logger="vitp"):
-        pretrain(config(workspace, output, max_steps=4, save_steps=2))
-    assert "already reached --max_steps 4" in caplog.text
+        run(workspace, output, max_steps=4, save_steps=2)
+    assert "already reached max_steps 4" in caplog.text
     assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     # a kill while checkpoint-4 was written (truncated weights) and before the final save
     weights = output / "checkpoint-4" / "model.safetensors"
@@ -235,19 +217,20 @@ def test_resume_skips_a_half_written_checkpoint_and_a_finished_run_stays_finishe
     (output / "model.safetensors").unlink()
     caplog.clear()
     with caplog.at_level("WARNING", logger="vitp"):
-        pretrain(config(workspace, output, max_steps=4, save_steps=2))
+        run(workspace, output, max_steps=4, save_steps=2)
     assert "not resuming from" in caplog.text and "checkpoint-4: model.safetensors is truncated" in caplog.text
     assert json.loads((output / "checkpoint-4" / "trainer_state.json").read_text())["global_step"] == 4
     assert (output / "model.safetensors").is_file()
     # --overwrite_output_dir starts afresh: the old run's checkpoints must not be resumed later
-    pretrain(config(workspace, output, max_steps=1, save_steps=1, overwrite_output_dir=True))
+    run(workspace, output, max_steps=1, save_steps=1, overwrite_output_dir=True)
     assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-1"]
 
 
+@pytest.mark.slow
 def test_export_from_a_run_stopped_before_its_final_save(workspace, tmp_path):
     from vitp.errors import ConfigError
 
-    output = pretrain(config(workspace, tmp_path / "run", max_steps=2, save_steps=1))
+    output = run(workspace, tmp_path / "run", max_steps=2, save_steps=1)
     for name in ("model.safetensors", "config.json"):
         (output / name).unlink()
     export_vit(output, tmp_path / "vit")
@@ -266,5 +249,22 @@ def test_a_meta_with_no_samples_is_refused_before_training(workspace, tmp_path):
     meta = {"empty": {"root": str(workspace / "images"), "annotation": str(tmp_path / "empty.jsonl"), "repeat_time": 1}}
     (tmp_path / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(VitpError, match="no samples per epoch.*'empty'"):
-        pretrain(config(workspace, tmp_path / "run", meta_path=str(tmp_path / "meta.json")))
+        run(workspace, tmp_path / "run", meta_path=str(tmp_path / "meta.json"))
     assert not list((tmp_path / "run").glob("checkpoint-*"))
+
+
+@pytest.mark.slow
+def test_choice_questions_train_with_upstreams_classifier_loss(workspace, tmp_path):
+    """--use_classifier at a batch of 4 (upstream: 1 only): the choice loss is part of the loss."""
+    images = sorted((workspace / "images").rglob("*.png"))[:8]
+    lines = [{"image": str(path.relative_to(workspace / "images")), "conversations": [
+        {"from": "human", "value": "<image>\n<cls>Which land cover is it? Options: water|forest|sand. One word."},
+        {"from": "gpt", "value": path.parent.name}]} for path in images]
+    (tmp_path / "cls.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    meta = {"cls": {"root": str(workspace / "images"), "annotation": str(tmp_path / "cls.jsonl"), "repeat_time": 1}}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    common = dict(meta_path=str(tmp_path / "meta.json"), max_steps=2, save_steps=2, learning_rate=0.0)
+    with_choice = run(workspace, tmp_path / "cls", use_classifier=True, **common)
+    without = run(workspace, tmp_path / "plain", **common)
+    loss = lambda output: json.loads((output / "trainer_state.json").read_text())["log_history"][0]["loss"]  # noqa: E731
+    assert loss(with_choice) > loss(without) + 0.05  # the same model and batch, plus about ln(3) / 1 per sample

@@ -1,35 +1,49 @@
-"""`vitp data check`, `vitp data build` and `vitp tokenizer train`: the instruction data."""
+"""`vitp data check|convert|build` and `vitp tokenizer train`: the instruction data."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+CHECK_DESCRIPTION = (
+    "Report every problem as file:line: what is wrong, then counts per dataset; exit 1 if there is any problem. "
+    "The data flags are `vitp pretrain`'s (upstream's DataTrainingArguments, same defaults: give the values your "
+    "training uses, e.g. --dynamic_image_size True --use_thumbnail True --max_dynamic_patch 6); "
+    "--conv_style defaults to internvl2_5 here."
+)
 
 
-def add_data_settings(parser: argparse.ArgumentParser) -> None:
-    """The upstream flags that decide how a sample is built (shared with `vitp pretrain`)."""
-    parser.add_argument("--force_image_size", type=int, default=448, help="tile size in pixels (default: %(default)s)")
-    parser.add_argument("--patch_size", type=int, default=14, help="ViT patch size (default: %(default)s)")
-    parser.add_argument("--down_sample_ratio", type=float, default=0.5, help="pixel-shuffle ratio (default: %(default)s)")
-    parser.add_argument("--min_dynamic_patch", type=int, default=1)
-    parser.add_argument("--max_dynamic_patch", type=int, default=12, help="tiles per image (default: %(default)s)")
-    parser.add_argument("--use_thumbnail", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--dynamic_image_size", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--max_seq_length", type=int, default=4096)
-    parser.add_argument("--system_message", help="system prompt for lines without a system turn (default: InternVL's)")
+def check_parser():
+    """HfArgumentParser over the training data flags plus the check's own (tokenizer, patch size)."""
+    from dataclasses import dataclass, field
+
+    from transformers import HfArgumentParser
+
+    from vitp.train.arguments import DataTrainingArguments
+
+    @dataclass
+    class CheckArguments:
+        tokenizer: str | None = field(default=None, metadata={
+            "help": "tokenizer directory: also count tokens and find samples that would be truncated"})
+        patch_size: int = field(default=14, metadata={"help": "the ViT's patch size"})
+
+    return HfArgumentParser((DataTrainingArguments, CheckArguments), prog="vitp data check", description=CHECK_DESCRIPTION,
+                            exit_on_error=False)
 
 
-def data_settings(args: argparse.Namespace):
+def data_settings(data_args, patch_size: int):
     """DataSettings from the flags, refused up front (DataSettingsError) if no sample could be built."""
     from vitp.data import dataset
     from vitp.data.check import validate_data_settings, validate_image_geometry
     from vitp.model.projector import tokens_per_tile
 
     # before tokens_per_tile, which would divide by a zero patch size
-    validate_image_geometry(args.force_image_size, args.patch_size, args.down_sample_ratio)
-    tokens = tokens_per_tile(args.force_image_size, args.patch_size, args.down_sample_ratio)
-    settings = dataset.data_settings(args, args.force_image_size, tokens)
-    validate_data_settings(settings, args.patch_size)
+    validate_image_geometry(data_args.force_image_size, patch_size, data_args.down_sample_ratio)
+    tokens = tokens_per_tile(data_args.force_image_size, patch_size, data_args.down_sample_ratio)
+    data_args.conv_style = data_args.conv_style or "internvl2_5"
+    settings = dataset.data_settings(data_args, data_args.force_image_size, tokens)
+    validate_data_settings(settings, patch_size)
     return settings
 
 
@@ -37,16 +51,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     data = subparsers.add_parser("data", help="check or build instruction data (meta JSON + JSONL)")
     commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
 
+    # the flags go to HfArgumentParser ('+' as the only prefix keeps argparse from reading them)
     check = commands.add_parser(
-        "check",
-        help="validate a meta JSON, its JSONL files and images without training",
-        description="Report every problem as file:line: what is wrong, then counts per dataset. "
-        "Exits 1 if there is any problem.",
+        "check", prefix_chars="+", add_help=False,
+        help="validate a meta JSON, its JSONL files and images without training (META [training data flags])",
     )
-    check.add_argument("meta_path", help="meta JSON (upstream format)")
-    check.add_argument("--tokenizer", help="tokenizer directory: also count tokens and find samples that would be truncated")
-    add_data_settings(check)
+    check.add_argument("argv", nargs=argparse.REMAINDER)
     check.set_defaults(handler=_run_check)
+
+    convert = commands.add_parser(
+        "convert",
+        help="a JSON list of samples to JSONL (upstream's tools/json2jsonl.py)",
+        description="Write DATA.jsonl beside DATA.json, one sample per line, 'id' set to its index and non-ASCII "
+        "text kept as it is, as upstream's tools/json2jsonl.py does, except that a leading system turn is kept "
+        "(upstream drops it; vitp trains with it as the sample's system message).",
+    )
+    convert.add_argument("path", help="a .json file holding a list of samples")
+    convert.add_argument("--output", help="the JSONL to write (default: the same name with .jsonl)")
+    convert.set_defaults(handler=_run_convert)
 
     build = commands.add_parser(
         "build",
@@ -78,10 +100,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _run_check(args: argparse.Namespace) -> int:
     from vitp.data.check import check_data
     from vitp.data.tokenizer import load_tokenizer
+    from vitp.errors import ConfigError
 
-    settings = data_settings(args)
-    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
-    report = check_data(args.meta_path, settings, tokenizer, report_problem=print)
+    parser = check_parser()
+    if {"-h", "--help"} & set(args.argv):
+        parser.print_help()
+        return 0
+    argv = list(args.argv)
+    if argv and not argv[0].startswith("-"):  # `vitp data check META [flags]`
+        argv = ["--meta_path", argv[0]] + argv[1:]
+    try:
+        data_args, check_args = parser.parse_args_into_dataclasses(argv, look_for_args_file=False)
+    except (argparse.ArgumentError, ValueError) as err:
+        raise ConfigError(str(err)) from None
+    if not data_args.meta_path:
+        raise ConfigError("give the meta JSON: vitp data check META.json [flags]")
+    settings = data_settings(data_args, check_args.patch_size)
+    tokenizer = load_tokenizer(check_args.tokenizer) if check_args.tokenizer else None
+    report = check_data(data_args.meta_path, settings, tokenizer, report_problem=print)
     print()
     print(report.table())
     if tokenizer is None:
@@ -94,6 +130,16 @@ def _run_check(args: argparse.Namespace) -> int:
     print(f"{len(report.problems)} problem(s) found: bad lines would be skipped in training, "
           "dataset and meta-key problems must be fixed", file=sys.stderr)
     return 1
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from vitp.data.meta import json_list_to_jsonl
+
+    source = Path(args.path)
+    output = Path(args.output) if args.output else source.with_suffix(".jsonl")
+    count = json_list_to_jsonl(source, output)
+    print(f"wrote {count} samples to {output}")
+    return 0
 
 
 def _run_build(args: argparse.Namespace) -> int:

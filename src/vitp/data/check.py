@@ -33,7 +33,7 @@ from vitp.data.meta import (
     why_no_samples,
     with_image_placeholder,
 )
-from vitp.data.template import ConversationTokenizer, TemplateError, truncation_problem
+from vitp.data.templates import ConversationTokenizer, TemplateError, truncation_problem
 
 
 class DataSettingsError(DataError):
@@ -148,7 +148,7 @@ def check_data(
         report_problem(f"warning: {message}")
 
     validate_data_settings(settings)
-    conversation_tokenizer = ConversationTokenizer(tokenizer) if tokenizer is not None else None
+    conversation_tokenizer = ConversationTokenizer(tokenizer, settings.conv_style) if tokenizer is not None else None
     for name, entry in load_meta_json(meta_path).items():
         report.datasets.append(
             _check_entry(meta_path, name, entry, settings, conversation_tokenizer, problem, warning, progress)

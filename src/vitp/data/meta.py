@@ -245,6 +245,9 @@ def parse_sample(raw: bytes | str, where: str) -> Sample:
         raise SampleError(where, f"invalid JSON ({getattr(err, 'msg', err)})", "invalid JSON") from None
     if not isinstance(item, dict):
         raise SampleError(where, f"expected a JSON object, found {type(item).__name__}", "missing keys")
+    if item.get("video"):
+        raise SampleError(where, "video samples are not supported (upstream samples their frames with decord); "
+                          "give the frames as a list of images instead", "video")
     images = _images_of(item, where)
     conversations = item.get("conversations")
     if not isinstance(conversations, list) or not conversations:
@@ -387,3 +390,30 @@ def require_samples_per_epoch(specs: Sequence[DatasetSpec], line_counts: Iterabl
     for name, reason in empty:
         logger.warning("dataset %r contributes no samples per epoch: %s", name, reason)
     return total
+
+
+def json_list_to_jsonl(source: str | Path, destination: str | Path) -> int:
+    """Upstream's ``tools/json2jsonl.py``: a JSON list of samples written as JSONL, each with ``id`` set
+    to its index and non-ASCII text kept as is. Unlike upstream, a leading system turn is kept (vitp
+    trains with it as the sample's system message). Returns the number of samples; MetaError for a
+    file that is not a JSON list of objects (naming the index of the first bad item)."""
+    source, destination = Path(source), Path(destination)
+    try:
+        items = json.loads(source.read_text(encoding="utf-8-sig"))
+    except OSError as err:
+        raise MetaError(f"{source}: cannot read ({err.strerror or err})") from None
+    except UnicodeDecodeError as err:
+        raise MetaError(f"{source}: not UTF-8 text (byte {err.start}: {err.reason})") from None
+    except json.JSONDecodeError as err:
+        raise MetaError(f"{source}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+    if not isinstance(items, list):
+        raise MetaError(f"{source}: expected a JSON list of samples, found {type(items).__name__}")
+    for index, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise MetaError(f"{source}: item {index} is a {type(item).__name__}, not a sample object")
+    partial = destination.with_name(destination.name + ".partial")
+    with open(partial, "w", encoding="utf-8") as handle:
+        for index, item in enumerate(items):
+            handle.write(json.dumps({**item, "id": index}, ensure_ascii=False) + "\n")
+    partial.replace(destination)  # a complete file or none: never half a conversion
+    return len(items)

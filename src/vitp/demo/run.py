@@ -28,7 +28,8 @@ from vitp.retrieval.evaluate import evaluate_retrieval
 from vitp.retrieval.feature_file import load_features
 from vitp.retrieval.features import extract_features
 from vitp.train.export import export_vit
-from vitp.train.pretrain import PretrainConfig, pretrain
+from vitp.train.arguments import pretrain_arguments
+from vitp.train.pretrain import pretrain
 
 SYSTEM_MESSAGE = "Answer briefly."  # short: the tiny model reads it in front of every sample
 
@@ -107,14 +108,15 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, settings: DemoS
     model = build_vlm("internvl-demo", tokenizer, image_size=settings.tile_size, patch_size=settings.tile_size // 8)
     save_vlm(model, out / "init", tokenizer)
     shutil.rmtree(out / "pretrain", ignore_errors=True)
-    pretrain(PretrainConfig(
+    pretrain(*pretrain_arguments(
         meta_path=str(meta_path), output_dir=str(out / "pretrain"), model_name_or_path=str(out / "init"),
-        max_dynamic_patch=1, use_thumbnail=False, max_seq_length=1024, system_message=SYSTEM_MESSAGE,
-        drop_path_rate=settings.drop_path_rate, TMAug_prob=settings.tmaug_prob, max_steps=settings.max_steps,
-        learning_rate=settings.learning_rate, per_device_train_batch_size=settings.batch_size,
-        warmup_ratio=settings.warmup_ratio, weight_decay=0.01, lr_scheduler_type="cosine",
-        save_steps=settings.max_steps, save_total_limit=1, logging_steps=max(1, settings.max_steps // 40),
-        dataloader_num_workers=1, report_to="none", seed=settings.seed,
+        force_image_size=settings.tile_size, max_dynamic_patch=1, use_thumbnail=False, max_seq_length=1024,
+        system_message=SYSTEM_MESSAGE, drop_path_rate=settings.drop_path_rate, TMAug_prob=settings.tmaug_prob,
+        max_steps=settings.max_steps, learning_rate=settings.learning_rate, grad_checkpoint=False,
+        per_device_train_batch_size=settings.batch_size, warmup_ratio=settings.warmup_ratio, weight_decay=0.01,
+        lr_scheduler_type="cosine", save_steps=settings.max_steps, save_total_limit=1,
+        logging_steps=max(1, settings.max_steps // 40), dataloader_num_workers=1, dataloader_persistent_workers=True,
+        report_to="none", seed=settings.seed,
     ))
     clock.step(f"pretrain: {settings.max_steps} steps")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 
@@ -29,3 +31,27 @@ def build_projector(vision_hidden: int, llm_hidden: int, downsample_ratio: float
     Indices 0, 1, 3 are the parameter names InternVL checkpoints use (mlp1.0, mlp1.1, mlp1.3)."""
     width = vision_hidden * int(round(1 / downsample_ratio)) ** 2
     return nn.Sequential(nn.LayerNorm(width), nn.Linear(width, llm_hidden), nn.GELU(), nn.Linear(llm_hidden, llm_hidden))
+
+
+def load_projector_weights(mlp1: nn.Sequential, path: str | Path) -> None:
+    """Fill ``mlp1`` from upstream's --mlp_path file: the projector's state dict as InternVL's
+    ``tools/extract_mlp.py`` saves it (``0.weight`` ... ``3.bias``; an ``mlp1.`` prefix is accepted),
+    .pth/.bin (read with weights_only) or .safetensors. Every tensor must be there with its shape."""
+    from vitp.errors import WeightFormatError
+    from vitp.tensor_io import open_tensor_source
+
+    source = open_tensor_source(Path(path))
+    state = {key.removeprefix("mlp1."): tensor for key, tensor in source.load(source.keys()).items()}
+    expected = {key: tuple(tensor.shape) for key, tensor in mlp1.state_dict().items()}
+    found = {key: tuple(tensor.shape) for key, tensor in state.items()}
+    if found != expected:
+        missing = sorted(set(expected) - set(found))
+        unknown = sorted(set(found) - set(expected))
+        wrong = sorted(key for key in set(found) & set(expected) if found[key] != expected[key])
+        raise WeightFormatError(
+            f"{path}: not this model's projector (mlp1): missing {missing}, unexpected {unknown[:4]}, "
+            f"shapes differ for {[(k, found[k], expected[k]) for k in wrong]}"
+        )
+    with torch.no_grad():
+        for key, parameter in mlp1.state_dict().items():
+            parameter.copy_(state[key])

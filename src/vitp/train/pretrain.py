@@ -1,12 +1,14 @@
-"""ViTP pretraining (stage 1), on the transformers Trainer.
+"""ViTP pretraining (stage 1), on the transformers Trainer, with upstream's arguments.
 
-Read top to bottom: build or load the model and tokenizer, build the dataset, configure the Trainer
-(one process, torchrun, DeepSpeed ZeRO or FSDP all go through it), resume if the output folder holds
-checkpoints, train, save a transformers-native InternVL directory and draw the loss curve.
+Read top to bottom: load (or compose, or build) the model and tokenizer, choose what trains (freezing,
+LoRA), build the dataset (padded or packed batches), configure the Trainer (one process, torchrun,
+DeepSpeed ZeRO or FSDP all go through it), resume if the output folder holds checkpoints, train, save
+a transformers-native InternVL directory and draw the loss curve.
 
 What the Trainer does not do, ``VitpTrainer`` adds: checkpoints written as transformers InternVL
-directories (and read back strictly on resume), and logs of tokens/s, TMAug statistics and the
-samples the data checks dropped (each bad line reported once).
+directories (adapters merged; read back strictly on resume), upstream's samplers and packing, the
+loss normalised over the weights of a whole optimizer step, and logs of tokens/s, TMAug statistics and
+the samples the data checks dropped (each bad line reported once).
 """
 
 from __future__ import annotations
@@ -18,14 +20,13 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from transformers import Trainer, TrainingArguments, set_seed
-from transformers.trainer_utils import SchedulerType
+from torch.utils.data import DataLoader, SequentialSampler
+from transformers import Trainer, set_seed
 
 from vitp.data.check import validate_data_settings
 from vitp.data.dataset import Collator, InstructionDataset, data_settings
@@ -33,235 +34,198 @@ from vitp.data.meta import read_meta, require_samples_per_epoch
 from vitp.data.tokenizer import load_tokenizer
 from vitp.errors import ConfigError, WeightFormatError
 from vitp.model.checkpoint import build_vlm, load_vlm, load_vlm_weights, save_vlm
-from vitp.model.tmaug import TMAugConfig
-from vitp.model.vlm import VisionLanguageModel
+from vitp.model.projector import load_projector_weights
+from vitp.model.vlm import VisionLanguageModel, count_samples, use_packed_attention
 from vitp.tensor_io import open_tensor_source
+from vitp.train import lora
+from vitp.train.arguments import (
+    DataTrainingArguments,
+    ModelArguments,
+    TrainingArguments,
+    ineffective_settings,
+    validate_combination,
+)
+from vitp.train.packing import PackedBatchSampler, PackedCollator, PackedItems
 from vitp.train.plots import plot_loss_curve
+from vitp.train.sampling import LengthGroupedSampler, ResamplingSampler, estimated_lengths
 
 logger = logging.getLogger("vitp")
 TRAINER_STATE = "trainer_state.json"
 
 
-@dataclass
-class PretrainConfig:
-    """Every setting of a run; the names are upstream's flags where they exist."""
-
-    meta_path: str
-    output_dir: str
-    model_name_or_path: str | None = None  # InternVL remote-code or transformers directory
-    model_preset: str | None = None  # or a from-scratch preset (internvl-tiny, internvl-small, internvl-demo)
-    tokenizer: str | None = None  # tokenizer directory for a from-scratch model
-    # data (upstream names)
-    force_image_size: int | None = None  # default: the model's tile size
-    min_dynamic_patch: int = 1
-    max_dynamic_patch: int = 6
-    use_thumbnail: bool = True
-    dynamic_image_size: bool = True
-    max_seq_length: int = 4096
-    system_message: str | None = None
-    # model
-    vision_select_layer: int | None = None
-    drop_path_rate: float = 0.0
-    freeze_llm: bool = False
-    freeze_backbone: bool = False
-    freeze_mlp: bool = False
-    grad_checkpoint: bool = False
-    # TMAug: either upstream's single flag, or the explicit triple
-    TMAug_prob: float | None = None
-    tmaug_prob: float = 0.0
-    tmaug_ratio: float = 0.0
-    tmaug_mode: str = "drop"
-    # optimisation (passed to TrainingArguments)
-    max_steps: int = 1000
-    learning_rate: float = 2e-5
-    per_device_train_batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    warmup_ratio: float = 0.0
-    weight_decay: float = 0.0
-    lr_scheduler_type: str = "cosine"
-    max_grad_norm: float = 1.0
-    seed: int = 42
-    bf16: bool = False
-    save_steps: int = 500
-    save_total_limit: int | None = 3
-    logging_steps: int = 10
-    dataloader_num_workers: int = 2
-    deepspeed: str | None = None
-    fsdp: str = ""
-    fsdp_config: str | None = None
-    report_to: str = "tensorboard"
-    resume_from_checkpoint: str | None = None  # default: the last checkpoint in output_dir, if any
-    overwrite_output_dir: bool = False
-
-    def __post_init__(self) -> None:
-        """Refuse values the Trainer would misread (max_steps -1 means 3 epochs to it) or fail on late.
-        The data flags are checked by vitp.data.check.validate_data_settings, as for `vitp data check`,
-        once the model says the tile size; force_image_size here because the model is built with it."""
-        at_least_one = ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "save_steps",
-                        "logging_steps")
-        for name in at_least_one:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
-        if self.force_image_size is not None and self.force_image_size < 1:
-            raise ConfigError(f"--force_image_size must be a positive number of pixels, got {self.force_image_size}")
-        if self.save_total_limit is not None and self.save_total_limit < 1:
-            raise ConfigError(f"--save_total_limit must be at least 1 (or left out), got {self.save_total_limit}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.learning_rate < 0 or self.weight_decay < 0:
-            raise ConfigError(f"--learning_rate and --weight_decay must not be negative, got {self.learning_rate}, {self.weight_decay}")
-        schedulers = [kind.value for kind in SchedulerType]
-        if self.lr_scheduler_type not in schedulers:
-            raise ConfigError(f"--lr_scheduler_type {self.lr_scheduler_type!r} is not one of {', '.join(schedulers)}")
-        if self.freeze_llm and self.freeze_backbone and self.freeze_mlp:
-            raise ConfigError("--freeze_llm, --freeze_backbone and --freeze_mlp together leave nothing to train")
-        self.tmaug()  # validates the TMAug settings now, not after the model is built
-
-    def tmaug(self) -> TMAugConfig:
-        try:
-            if self.TMAug_prob is not None:
-                if self.tmaug_prob or self.tmaug_ratio:
-                    raise ConfigError("give either --TMAug_prob (upstream) or --tmaug_prob/--tmaug_ratio, not both")
-                return TMAugConfig.from_upstream(self.TMAug_prob)
-            return TMAugConfig(prob=self.tmaug_prob, ratio=self.tmaug_ratio, mode=self.tmaug_mode)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-
-
-def pretrain(config: PretrainConfig) -> Path:
-    check_parallelism(config)
-    output = prepare_output_dir(config)
-    resume = resume_checkpoint(config)
-    done = resume is not None and global_step(resume) >= config.max_steps
-    if done:  # a re-run of a finished run: training on would step past --max_steps and rotate checkpoints out
-        logger.warning("%s already reached --max_steps %d: nothing to train (raise --max_steps to go on)",
-                       resume, config.max_steps)
+def pretrain(model_args: ModelArguments, data_args: DataTrainingArguments, training_args: TrainingArguments) -> Path:
+    for note in ineffective_settings(model_args, data_args, training_args) + validate_combination(data_args, training_args):
+        logger.warning("%s", note)
+    if not data_args.meta_path:
+        raise ConfigError("meta_path is required: the meta JSON of the training data")
+    if data_args.loss_reduction_all_gather:  # the loss weights summed over every rank, as upstream's flag asks
+        training_args.average_tokens_across_devices = True
+    check_parallelism(training_args)
+    output = prepare_output_dir(training_args)
+    resume = resume_checkpoint(training_args)
+    done = resume is not None and training_args.max_steps > 0 and global_step(resume) >= training_args.max_steps
+    if done:  # a re-run of a finished run: training on would step past max_steps and rotate checkpoints out
+        logger.warning("%s already reached max_steps %d: nothing to train (raise max_steps to go on)",
+                       resume, training_args.max_steps)
         if (output / "model.safetensors").is_file():
             return output
-    set_seed(config.seed)
-    model, tokenizer = load_model(config)
+    set_seed(training_args.seed)
+    model, tokenizer = load_model(model_args, data_args)
     if done:  # the run was stopped after its last checkpoint, before the final save: write it from there
         load_vlm_weights(model, Path(resume))
         if is_main_process():
             save_vlm(model, output, tokenizer)
         return output
-    model.freeze(llm=config.freeze_llm, backbone=config.freeze_backbone, mlp=config.freeze_mlp)
-    if config.grad_checkpoint:
+    choose_trainable(model, model_args)
+    if model_args.use_liger or training_args.use_liger_kernel:
+        apply_liger_kernels(model)
+        training_args.use_liger_kernel = False  # applied here: the Trainer's version skips non-transformers models
+    if model_args.grad_checkpoint:
         model.set_gradient_checkpointing(True)
-    settings = data_settings(config, model.vlm_config.vision.image_size, model.vlm_config.num_image_token)
-    specs = read_meta(config.meta_path)
+    model.label_smoothing = training_args.label_smoothing_factor
+    model.tsaug_prob = data_args.TSAug_prob
+
+    settings = data_settings(data_args, model.vlm_config.vision.image_size, model.vlm_config.num_image_token)
+    specs = read_meta(data_args.meta_path)
     validate_data_settings(settings, model.vlm_config.vision.patch_size, specs)
-    dataset = InstructionDataset(specs, tokenizer, settings, train=True)
+    dataset = InstructionDataset(specs, tokenizer, settings, train=True, replace_bad=not data_args.use_packed_ds)
     require_samples_per_epoch(specs, [len(index) for index in dataset.indexes])
-    trainer = VitpTrainer(
-        model=model,
-        args=training_arguments(config),
-        train_dataset=dataset,
-        data_collator=Collator(tokenizer.pad_token_id),
-        processing_class=tokenizer,
-    )
+    if data_args.use_packed_ds:
+        use_packed_attention(model)
+        strict = data_args.strict_mode
+        collator = PackedCollator(tokenizer.pad_token_id, data_args.loss_reduction,
+                                  strict_tokens=data_args.max_packed_tokens if strict else None,
+                                  strict_tiles=data_args.num_images_expected if strict else None,
+                                  tile_size=settings.force_image_size)
+    else:
+        collator = Collator(tokenizer.pad_token_id, data_args.loss_reduction)
+
+    trainer = VitpTrainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator,
+                          processing_class=tokenizer, data_args=data_args)
     if resume:
         logger.info("resuming from %s", resume)
-    trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(config.output_dir)
+    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(training_args.output_dir)
+    trainer.log_metrics("train", result.metrics)  # as upstream: train_results.json and the final trainer state
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()
     if trainer.is_world_process_zero():
-        plot_loss_curve(trainer.state.log_history, Path(config.output_dir) / "loss.png")
+        plot_loss_curve(trainer.state.log_history, output / "loss.png")
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-    return Path(config.output_dir)
+    return output
 
 
-def check_parallelism(config: PretrainConfig) -> None:
+def check_parallelism(args: TrainingArguments) -> None:
     """Refuse a sharding request that would otherwise be ignored: on CPUs accelerate runs every
-    process as plain DDP whatever --fsdp says, so a user would get a full model copy per process."""
-    if config.fsdp and config.deepspeed:
-        raise ConfigError("give --deepspeed or --fsdp, not both")
-    if config.deepspeed:
-        if importlib.util.find_spec("deepspeed") is None:
-            raise ConfigError("--deepspeed needs the deepspeed package: pip install -e '.[deepspeed]'")
-        if not Path(config.deepspeed).is_file():
-            raise ConfigError(f"--deepspeed {config.deepspeed}: no such file (configs/zero1.json is ViTP's)")
-    if config.fsdp_config and not Path(config.fsdp_config).is_file():
-        raise ConfigError(f"--fsdp_config {config.fsdp_config}: no such file (see configs/fsdp.json)")
-    if (config.fsdp or config.deepspeed) and not torch.cuda.is_available():
-        flag = "--fsdp" if config.fsdp else "--deepspeed"
+    process as plain DDP whatever fsdp says, so a user would get a full model copy per process."""
+    if args.fsdp and args.deepspeed:
+        raise ConfigError("give deepspeed or fsdp, not both")
+    if args.deepspeed and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("deepspeed needs the deepspeed package: pip install -e '.[deepspeed]'")
+    cuda = torch.cuda.is_available()
+    if (args.fsdp or args.deepspeed) and not cuda:
+        name = "fsdp" if args.fsdp else "deepspeed"
         raise ConfigError(
-            f"{flag} shards the model over GPUs, and no CUDA GPU is visible: on CPUs the processes would run as "
-            f"plain data parallel, each with a full copy of the model. Leave out {flag} to train that way."
+            f"{name} shards the model over GPUs, and no CUDA GPU is visible: on CPUs the processes would run as "
+            f"plain data parallel, each with a full copy of the model. Leave out {name} to train that way."
         )
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if cuda and torch.cuda.device_count() > 1 and not distributed and not args.use_cpu:
+        raise ConfigError(f"{torch.cuda.device_count()} GPUs are visible to one process: launch with "
+                          "`torchrun --nproc_per_node N -m vitp.cli pretrain ...` (or set CUDA_VISIBLE_DEVICES)")
+    if distributed and not cuda and args.ddp_backend is None:
+        args.ddp_backend = "gloo"  # torchrun on CPUs (tests, laptops); set before the Trainer reads the device
+    # transformers 5 reads the TensorBoard folder from the environment; set it for every run (not
+    # setdefault), or a second run in the same process would write into the first one's folder.
+    os.environ["TENSORBOARD_LOGGING_DIR"] = args.logging_dir or str(Path(args.output_dir) / "runs")
+    if args.ddp_find_unused_parameters is None:
+        args.ddp_find_unused_parameters = False  # every trainable parameter gets a gradient (see embed_inputs)
 
 
-def load_model(config: PretrainConfig) -> tuple[VisionLanguageModel, Any]:
-    """A checkpoint directory, or a preset from scratch with a tokenizer directory."""
-    tmaug = config.tmaug()
-    if config.model_name_or_path:
-        if config.model_preset:
-            raise ConfigError("give --model_name_or_path or --model_preset, not both")
-        model, tokenizer = load_vlm(config.model_name_or_path, tmaug=tmaug, drop_path_rate=config.drop_path_rate,
-                                    image_size=config.force_image_size)
-    elif config.model_preset:
-        if not config.tokenizer:
-            raise ConfigError("a from-scratch --model_preset needs --tokenizer (see `vitp tokenizer train`)")
-        tokenizer = load_tokenizer(config.tokenizer)
-        overrides = {"drop_path_rate": config.drop_path_rate}
-        if config.force_image_size:
-            overrides["image_size"] = config.force_image_size
-        model = build_vlm(config.model_preset, tokenizer, tmaug, **overrides)
+def load_model(model_args: ModelArguments, data_args: DataTrainingArguments) -> tuple[VisionLanguageModel, Any]:
+    """A checkpoint directory, a model composed of a ViT and an LLM, or a preset from scratch; then
+    upstream's model settings (tile size, feature layer, template, projector weights)."""
+    tmaug = data_args.tmaug()
+    image_size = data_args.force_image_size
+    if model_args.model_name_or_path:
+        model, tokenizer = load_vlm(model_args.model_name_or_path, tmaug=tmaug, drop_path_rate=model_args.drop_path_rate,
+                                    image_size=image_size, use_fast_tokenizer=model_args.use_fast_tokenizer)
+    elif model_args.vision_path:
+        from vitp.model.checkpoint import compose_vlm
+
+        model, tokenizer = compose_vlm(
+            model_args.vision_path, model_args.llm_path, model_args.mlp_path, tmaug=tmaug,
+            drop_path_rate=model_args.drop_path_rate, image_size=image_size, downsample_ratio=data_args.down_sample_ratio,
+            select_layer=model_args.vision_select_layer, use_fast_tokenizer=model_args.use_fast_tokenizer,
+        )
     else:
-        raise ConfigError("give --model_name_or_path (a checkpoint) or --model_preset (from scratch)")
-    if config.vision_select_layer is not None:
-        try:
-            model.vision_model.resolve_layer(config.vision_select_layer)  # validates the index
-        except ValueError as err:
-            raise ConfigError(f"--vision_select_layer: {err}") from None
-        model.vlm_config = dataclasses.replace(model.vlm_config, select_layer=config.vision_select_layer)
+        tokenizer = load_tokenizer(model_args.tokenizer, use_fast=model_args.use_fast_tokenizer)
+        model = build_vlm(model_args.model_preset, tokenizer, tmaug, drop_path_rate=model_args.drop_path_rate,
+                          image_size=image_size)
+    if model.vlm_config.downsample_ratio != data_args.down_sample_ratio:  # upstream asserts the same
+        raise ConfigError(f"down_sample_ratio {data_args.down_sample_ratio} differs from the model's "
+                          f"{model.vlm_config.downsample_ratio} (the projector's shapes depend on it)")
+    try:
+        model.vision_model.resolve_layer(model_args.vision_select_layer)  # validates the index
+    except ValueError as err:
+        raise ConfigError(f"vision_select_layer: {err}") from None
+    template = data_args.conv_style or model.vlm_config.template
+    if data_args.use_classifier and template != "internvl2_5":
+        raise ConfigError(f"use_classifier: upstream computes the choice loss for the internvl2_5 template only, and "
+                          f"this run uses {template}")
+    data_args.conv_style = template  # the dataset and the saved checkpoint use the same one
+    model.vlm_config = dataclasses.replace(model.vlm_config, select_layer=model_args.vision_select_layer,
+                                          template=template)
+    if model_args.mlp_path and not model_args.vision_path:  # upstream loads it over any model's projector
+        load_projector_weights(model.mlp1, model_args.mlp_path)
+    logger.info("chat template: %s", template)
     return model, tokenizer
 
 
-def training_arguments(config: PretrainConfig) -> TrainingArguments:
-    on_gpu = torch.cuda.is_available()
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    # transformers 5 reads the TensorBoard folder from the environment; set it for every run (not
-    # setdefault), or a second run in the same process would write into the first one's folder.
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(config.output_dir) / "runs")
-    return TrainingArguments(
-        output_dir=config.output_dir,
-        max_steps=config.max_steps,
-        learning_rate=config.learning_rate,
-        per_device_train_batch_size=config.per_device_train_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        warmup_steps=config.warmup_ratio,  # transformers 5: a float below 1 is a fraction of max_steps
-        weight_decay=config.weight_decay,
-        lr_scheduler_type=config.lr_scheduler_type,
-        max_grad_norm=config.max_grad_norm,
-        seed=config.seed,
-        bf16=config.bf16,
-        save_strategy="steps",
-        save_steps=config.save_steps,
-        save_total_limit=config.save_total_limit,
-        logging_steps=config.logging_steps,
-        report_to=[] if config.report_to in ("", "none") else [config.report_to],
-        dataloader_num_workers=config.dataloader_num_workers,
-        dataloader_persistent_workers=config.dataloader_num_workers > 0,
-        remove_unused_columns=False,  # the collator's extra fields (num_tiles, where, dropped) are used
-        deepspeed=config.deepspeed,
-        fsdp=config.fsdp,
-        fsdp_config=config.fsdp_config,
-        ddp_backend="gloo" if distributed and not on_gpu else None,  # torchrun on CPUs (tests, laptops)
-        ddp_find_unused_parameters=False,
-        use_cpu=not on_gpu,
-        disable_tqdm=False,
-    )
+def choose_trainable(model: VisionLanguageModel, args: ModelArguments) -> None:
+    """Upstream's order: freeze, wrap LoRA adapters (which freeze the rest of their module), freeze the
+    projector, unfreeze ViT layers; ``unfreeze_lm_head`` comes after LoRA so that it takes effect."""
+    model.freeze(llm=args.freeze_llm, backbone=args.freeze_backbone)
+    if args.use_backbone_lora:
+        lora.wrap_backbone_lora(model, args.use_backbone_lora)
+    if args.use_llm_lora:
+        lora.wrap_llm_lora(model, args.use_llm_lora)
+    if args.unfreeze_lm_head:
+        model.language_model.get_output_embeddings().weight.requires_grad_(True)
+    if args.freeze_mlp:
+        model.mlp1.requires_grad_(False)
+    if args.unfreeze_vit_layers:
+        depth = len(model.vision_model.blocks)
+        if abs(args.unfreeze_vit_layers) > depth:
+            raise ConfigError(f"unfreeze_vit_layers {args.unfreeze_vit_layers}: the ViT has {depth} layers")
+        for block in model.vision_model.blocks[args.unfreeze_vit_layers:]:
+            block.requires_grad_(True)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if not trainable:
+        raise ConfigError("freeze_llm, freeze_backbone and freeze_mlp together leave nothing to train "
+                          "(add use_llm_lora or use_backbone_lora to train adapters)")
+    logger.info("trainable parameters: %d of %d", trainable, sum(p.numel() for p in model.parameters()))
 
 
-def prepare_output_dir(config: PretrainConfig) -> Path:
-    """The output directory, created; with --overwrite_output_dir an earlier run's checkpoints are
+def apply_liger_kernels(model: VisionLanguageModel) -> None:
+    """Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU) in the LLM, as upstream's --use_liger."""
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        raise ConfigError("use_liger needs the liger-kernel package (CUDA GPUs): pip install 'vitp[liger]'") from None
+    with lora.without_peft_wrappers(model):
+        _apply_liger_kernel_to_instance(model=model.language_model)
+
+
+def prepare_output_dir(args: TrainingArguments) -> Path:
+    """The output directory, created; with overwrite_output_dir an earlier run's checkpoints are
     removed first, or a later run without the flag would resume from them."""
-    output = Path(config.output_dir)
+    output = Path(args.output_dir)
     if output.exists() and not output.is_dir():
-        raise ConfigError(f"--output_dir {output} is a file, not a directory")
-    if config.overwrite_output_dir and is_main_process():
+        raise ConfigError(f"output_dir {output} is a file, not a directory")
+    if args.overwrite_output_dir and is_main_process():
         for old in checkpoints(output):
             shutil.rmtree(old)
     if dist.is_available() and dist.is_initialized():
@@ -281,16 +245,16 @@ def checkpoints(output: Path) -> list[Path]:
     return sorted(found, key=lambda path: int(path.name.split("-", 1)[1]), reverse=True)
 
 
-def resume_checkpoint(config: PretrainConfig) -> str | None:
-    """An explicit --resume_from_checkpoint, else the newest complete checkpoint-N in output_dir (as
+def resume_checkpoint(args: TrainingArguments) -> str | None:
+    """An explicit resume_from_checkpoint, else the newest complete checkpoint-N in output_dir (as
     upstream, which takes the newest; one a kill left half-written is skipped with a warning)."""
-    if config.resume_from_checkpoint:
-        problem = checkpoint_problem(Path(config.resume_from_checkpoint))
+    if args.resume_from_checkpoint:
+        problem = checkpoint_problem(Path(args.resume_from_checkpoint))
         if problem:
-            raise ConfigError(f"--resume_from_checkpoint {config.resume_from_checkpoint}: {problem}")
-        return config.resume_from_checkpoint
-    output = Path(config.output_dir)
-    if config.overwrite_output_dir or not output.is_dir():
+            raise ConfigError(f"resume_from_checkpoint {args.resume_from_checkpoint}: {problem}")
+        return args.resume_from_checkpoint
+    output = Path(args.output_dir)
+    if args.overwrite_output_dir or not output.is_dir():
         return None
     for candidate in checkpoints(output):
         problem = checkpoint_problem(candidate)
@@ -306,12 +270,12 @@ def checkpoint_problem(directory: Path) -> str | None:
         return "not a directory"
     if global_step(directory) is None:
         return f"{TRAINER_STATE} is missing or unreadable (the save was interrupted)"
-    weights = directory / "model.safetensors"
-    if weights.is_file():
-        try:
-            open_tensor_source(weights)  # safetensors checks that the data covers what the header names
-        except WeightFormatError as err:
-            return f"{weights.name} is truncated or unreadable ({err})"
+    for weights in (directory / "model.safetensors", directory / lora.TRAINABLE_FILE):
+        if weights.is_file():
+            try:
+                open_tensor_source(weights)  # safetensors checks that the data covers what the header names
+            except WeightFormatError as err:
+                return f"{weights.name} is truncated or unreadable ({err})"
     optimizer = directory / "optimizer.pt"
     if optimizer.exists() and optimizer.stat().st_size == 0:
         return "optimizer.pt is empty (the save was interrupted)"
@@ -326,24 +290,81 @@ def global_step(checkpoint: str | Path) -> int | None:
         return None
 
 
-class VitpTrainer(Trainer):
-    """The transformers Trainer with vitp's checkpoints and logs."""
+WINDOW_KEYS = ("answer_tokens", "sequence_tokens", "tmaug_samples", "tmaug_tokens", "tsaug_samples", "samples")
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+
+class VitpTrainer(Trainer):
+    """The transformers Trainer with vitp's data order, checkpoints and logs."""
+
+    def __init__(self, *args: Any, data_args: DataTrainingArguments, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._window = {"answer_tokens": 0, "sequence_tokens": 0, "tmaug_samples": 0, "tmaug_tokens": 0, "samples": 0}
+        self.data_args = data_args
+        self.label_smoother = None  # the model applies label_smoothing_factor to the answer tokens itself
+        self._samples_in_step: int | torch.Tensor | None = None
+        self._window = dict.fromkeys(WINDOW_KEYS, 0)
         self._window_start = time.perf_counter()
         self._dropped_total = 0
         self._reported_lines: set[str] = set()
 
+    # ----------------------------------------------------------------------------------------------
+    # Data: upstream's orders, packed batches; nothing removed from vitp's batches
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        strategy = self.args.train_sampling_strategy
+        if strategy == "group_by_length":
+            lengths = estimated_lengths(dataset, self.args.length_column_name)
+            return LengthGroupedSampler(lengths, self.args.train_batch_size,
+                                        self.args.world_size * self.args.gradient_accumulation_steps, seed)
+        if self.data_args.use_data_resampling:
+            return ResamplingSampler(dataset.dataset_sizes(), seed)
+        if strategy == "sequential":
+            return SequentialSampler(dataset)
+        return super()._get_train_sampler(train_dataset)
+
+    def get_train_dataloader(self) -> DataLoader:
+        if not self.data_args.use_packed_ds:
+            return super().get_train_dataloader()
+        args, data = self.args, self.data_args
+        sampler = PackedBatchSampler(
+            self.train_dataset, args.per_device_train_batch_size, data.max_packed_tokens, data.num_images_expected,
+            data.max_buffer_size, data.replacement, data.use_data_resampling,
+            seed=args.data_seed if args.data_seed is not None else args.seed, log_every=data.log_freq,
+        )
+        loader = DataLoader(PackedItems(self.train_dataset), batch_sampler=sampler, collate_fn=self.data_collator,
+                            num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
+                            persistent_workers=args.dataloader_persistent_workers,
+                            prefetch_factor=args.dataloader_prefetch_factor)
+        return self.accelerator.prepare(loader)
+
+    def _get_collator_with_removed_columns(self, data_collator, description=None):
+        return data_collator  # vitp's batches carry only what the model and the trainer use
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
+        """The summed loss weights of an optimizer step's micro-batches (its supervised tokens for
+        loss_reduction token); also counts its samples, by which the choice loss is divided."""
+        weights = sum(batch["loss_weight"][:, 1:].sum() for batch in batch_samples)
+        samples = torch.tensor(sum(count_samples(b["attention_mask"], b.get("segment_ids")) for b in batch_samples),
+                               dtype=torch.float32)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            weights = self.accelerator.gather(weights.to(device)).sum()
+            samples = self.accelerator.gather(samples.to(device)).sum()
+        self._samples_in_step = samples.to(device)
+        return weights.to(device)
+
+    # ----------------------------------------------------------------------------------------------
+    # Loss and logs
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._record_drops(inputs.pop("dropped", []))
-        inputs.pop("tile_sample_index", None)  # the model uses num_tiles, which carries the same facts
+        if inputs.get("classify"):
+            inputs["num_samples_in_batch"] = self._samples_in_step
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if model.training:
             self._window["answer_tokens"] += outputs.answer_tokens or 0
             self._window["sequence_tokens"] += outputs.sequence_tokens or 0
-            self._window["samples"] += len(inputs["input_ids"])
+            self._window["samples"] += count_samples(inputs["attention_mask"], inputs.get("segment_ids"))
             for key, value in (outputs.tmaug or {}).items():
                 if key != "samples":
                     self._window[key] += value
@@ -357,36 +378,50 @@ class VitpTrainer(Trainer):
                 logger.warning("skipped %s (%s): %s", where, kind, reason)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs:  # a training log line: add this window's throughput and TMAug figures
-            totals = torch.tensor(
-                [self._window[k] for k in ("answer_tokens", "sequence_tokens", "tmaug_samples", "tmaug_tokens", "samples")]
-                + [self._dropped_total],
-                dtype=torch.float64, device=self.args.device,
-            )
+        if "loss" in logs:  # a training log line: add this window's throughput and augmentation figures
+            totals = torch.tensor([self._window[k] for k in WINDOW_KEYS] + [self._dropped_total],
+                                  dtype=torch.float64, device=self.args.device)
             if self.args.world_size > 1:
                 totals = self.accelerator.reduce(totals, reduction="sum")
-            answer, sequence, tmaug_samples, tmaug_tokens, samples, dropped = totals.tolist()
+            window = dict(zip(WINDOW_KEYS + ("dropped",), totals.tolist()))
             elapsed = max(time.perf_counter() - self._window_start, 1e-9)
-            logs["tokens_per_second"] = round(sequence / elapsed, 1)
-            logs["answer_tokens"] = int(answer)
-            if self.model.tmaug.active:
-                logs["tmaug_sample_fraction"] = round(tmaug_samples / max(samples, 1), 4)
-                logs["tmaug_tokens"] = int(tmaug_tokens)
-            logs["dropped_samples"] = int(dropped)
-            self._window = dict.fromkeys(self._window, 0)
+            logs["tokens_per_second"] = round(window["sequence_tokens"] / elapsed, 1)
+            logs["answer_tokens"] = int(window["answer_tokens"])
+            model = self.accelerator.unwrap_model(self.model)
+            if model.tmaug.active:
+                logs["tmaug_sample_fraction"] = round(window["tmaug_samples"] / max(window["samples"], 1), 4)
+                logs["tmaug_tokens"] = int(window["tmaug_tokens"])
+            if model.tsaug_prob:
+                logs["tsaug_sample_fraction"] = round(window["tsaug_samples"] / max(window["samples"], 1), 4)
+            logs["dropped_samples"] = int(window["dropped"])
+            self._window = dict.fromkeys(WINDOW_KEYS, 0)
             self._window_start = time.perf_counter()
         super().log(logs, start_time)
 
+    # ----------------------------------------------------------------------------------------------
+    # Checkpoints
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Every checkpoint is a transformers-native InternVL directory."""
+        """Every checkpoint is a transformers-native InternVL directory (LoRA merged in, the adapters
+        beside it)."""
         if not self.args.should_save:
             return
-        output_dir = output_dir or self.args.output_dir
+        output_dir = Path(output_dir or self.args.output_dir)
         model = self.accelerator.unwrap_model(self.model)
-        save_vlm(model, output_dir, self.processing_class, state_dict=state_dict)
+        if not lora.uses_lora(model):
+            save_vlm(model, output_dir, self.processing_class, state_dict=state_dict)
+            return
+        merged = lora.merged_state_dict(model, state_dict)
+        lora.save_adapters(model, output_dir)
+        with lora.without_peft_wrappers(model):
+            save_vlm(model, output_dir, self.processing_class, state_dict=merged)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Resume reads the directory `_save` wrote, strictly (DeepSpeed/FSDP keep their own formats)."""
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        load_vlm_weights(model or self.model, Path(resume_from_checkpoint))
+        model = model or self.model
+        if lora.uses_lora(model):
+            lora.load_trainable(model, Path(resume_from_checkpoint))
+        else:
+            load_vlm_weights(model, Path(resume_from_checkpoint))

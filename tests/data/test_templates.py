@@ -1,11 +1,12 @@
-"""The internvl2_5 template: a hand-computed label mask, image-token expansion, refusals."""
+"""The chat templates: a hand-computed internvl2_5 mask, image-token expansion, refusals. The four
+templates against upstream's algorithms are in test_templates_upstream.py."""
 
 import pytest
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from vitp.data.meta import Turn
-from vitp.data.template import (
+from vitp.data.templates import (
     IGNORE_INDEX,
     ConversationTokenizer,
     TemplateError,
@@ -94,9 +95,18 @@ def test_placeholder_and_image_counts_must_agree(bpe_tokenizer):
 def test_tokenizer_without_image_tokens_is_refused_until_prepared():
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")),
                                         unk_token="[UNK]")
-    with pytest.raises(TemplateError, match="prepare_tokenizer"):
+    with pytest.raises(TemplateError, match=r"lacks \['<img>', '</img>', '<IMG_CONTEXT>', '<\|im_start\|>'"):
         ConversationTokenizer(tokenizer)
-    assert prepare_tokenizer(tokenizer) == 9 + 3 and tokenizer.pad_token == "<|endoftext|>"
+    # as upstream: InternVL's 9 tokens, plus a pad token (none and no EOS here); ChatML is the tokenizer's business
+    assert prepare_tokenizer(tokenizer) == 9 + 1 and tokenizer.pad_token == "<|endoftext|>"
+    with pytest.raises(TemplateError, match=r"lacks \['<\|im_start\|>', '<\|im_end\|>'\]"):
+        ConversationTokenizer(tokenizer)
+
+
+def test_pad_token_defaults_to_eos_as_internlm2_does():
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0, "</s>": 1}, unk_token="[UNK]")),
+                                        unk_token="[UNK]", eos_token="</s>")
+    assert prepare_tokenizer(tokenizer) == 9 and tokenizer.pad_token == "</s>"
 
 
 def _tokenized(length, spans, supervised_from):

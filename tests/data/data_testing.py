@@ -1,4 +1,5 @@
-"""Fixtures for the data tests: images, JSONL files and meta JSONs written by the tests."""
+"""Helpers of the data tests (a module with a unique name, importable from every test folder): images,
+JSONL files and meta JSONs written by the tests, and data settings."""
 
 import json
 
@@ -28,3 +29,15 @@ def write_dataset(directory, lines, name="ds", **meta_fields):
 
 def conversation(question="<image>\nWhat is in this image?", answer="A harbour."):
     return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+
+
+def settings(**overrides):
+    """DataSettings as training resolves them: upstream's flag defaults (DataTrainingArguments), with
+    28-px tiles of 4 tokens, ViTP's dynamic tiling with a thumbnail and the internvl2_5 template, and
+    any field overridden."""
+    from vitp.data.dataset import data_settings
+    from vitp.train.arguments import DataTrainingArguments
+
+    values = {"dynamic_image_size": True, "use_thumbnail": True, "conv_style": "internvl2_5", **overrides}
+    force_image_size, num_image_token = values.pop("force_image_size", 28), values.pop("num_image_token", 4)
+    return data_settings(DataTrainingArguments(**values), force_image_size, num_image_token)
