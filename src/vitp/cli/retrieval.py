@@ -266,7 +266,8 @@ def _run_index_build(args: argparse.Namespace) -> int:
     gallery = open_gallery(args.features)
     options = dict(search_parameters=search_parameters, progress_bar=_progress(args))
     if args.backend == "milvus":
-        from vitp.retrieval.backends.milvus import DEFAULT_LITE_FILE, default_collection_name
+        from vitp.retrieval.backends.milvus import default_collection_name
+        from vitp.retrieval.index import MILVUS_LITE_FILE
 
         faiss_only = [flag for flag, value in (("--factory", args.factory != "Flat"), ("--pca", args.pca is not None),
                                                ("--whiten", args.whiten), ("--dba", args.dba), ("--pca_fit", args.pca_fit),
@@ -275,7 +276,7 @@ def _run_index_build(args: argparse.Namespace) -> int:
         if faiss_only:
             raise VitpError(f"{', '.join(faiss_only)}: FAISS only; a Milvus collection holds the features as they are "
                             f"(choose its index with --milvus_index)")
-        uri = args.milvus_uri or str(Path(args.output) / DEFAULT_LITE_FILE)
+        uri = args.milvus_uri or str(Path(args.output) / MILVUS_LITE_FILE)
         index = RetrievalIndex.build(
             gallery, backend="milvus", uri=uri, collection=args.milvus_collection or default_collection_name(args.output),
             index_type=args.milvus_index, index_params=args.milvus_index_params, **options,

@@ -33,6 +33,7 @@ from vitp.retrieval.feature_file import (
     load_features,
     refuse_duplicate_paths,
 )
+from vitp.retrieval.rerank import l2_normalise
 from vitp.tensor_io import atomic_path, write_json
 
 logger = logging.getLogger("vitp")
@@ -218,8 +219,9 @@ class EmbeddingStore:
 
     def _checked(self, vectors: np.ndarray, ids: np.ndarray) -> np.ndarray:
         normalised, was_unit = check_vectors(vectors, lambda row: self._describe_row(int(ids[row])))
-        if not was_unit and self.dtype == "float32" and not self._warned_norms:
-            # float16 shards are normalised on every read (rounding moves norms off 1); float32 ones should be unit.
+        if self.dtype == "float16":
+            return l2_normalise(normalised)  # float16 rounding moves every norm a little off 1
+        if not was_unit and not self._warned_norms:
             logger.warning("%s: vectors are not L2-normalised; normalising them so that inner product is cosine "
                            "similarity", self.directory)
             self._warned_norms = True

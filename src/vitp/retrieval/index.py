@@ -35,6 +35,8 @@ logger = logging.getLogger("vitp")
 INDEX_FORMAT = "vitp-retrieval-index"
 INDEX_VERSION = 2  # 2: PCA inside the FAISS index, a backend field; 1 (no backend, pca.npz) is read without PCA
 BACKENDS = ("faiss", "milvus")
+# The Milvus Lite database a Milvus index directory holds by default (also while its build is unfinished).
+MILVUS_LITE_FILE = "milvus.db"
 # Bytes of neighbour vectors gathered at once for query expansion and DBA (rows x k x d x 4).
 _GATHER_BUDGET_BYTES = 128 * 2**20
 
@@ -315,10 +317,12 @@ def source_path(gallery) -> str:
 
 def check_index_output(directory: Path | str) -> Path:
     """Refuse, before building, an index directory that could not be written: an existing file or a
-    folder that holds something other than a vitp index, or a path under a file."""
+    folder that holds something other than a vitp index (or an unfinished Milvus Lite build), or a path
+    under a file."""
     directory = Path(directory)
     if directory.exists():
-        if not directory.is_dir() or (any(directory.iterdir()) and not (directory / "meta.json").is_file()):
+        is_index = (directory / "meta.json").is_file() or (directory / MILVUS_LITE_FILE).exists()
+        if not directory.is_dir() or (any(directory.iterdir()) and not is_index):
             raise RetrievalIndexError(f"{directory}: exists and is not a vitp index; not overwriting it")
     check_parent_folders(directory)
     return directory

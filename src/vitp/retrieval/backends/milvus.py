@@ -35,6 +35,7 @@ import vitp
 from vitp.retrieval.index import (
     INDEX_FORMAT,
     INDEX_VERSION,
+    MILVUS_LITE_FILE,
     RetrievalIndex,
     RetrievalIndexError,
     check_index_output,
@@ -47,7 +48,6 @@ from vitp.retrieval.rerank import l2_normalise
 
 logger = logging.getLogger("vitp")
 
-DEFAULT_LITE_FILE = "milvus.db"
 INDEX_TYPES = ("FLAT", "IVF_FLAT", "IVF_SQ8", "IVF_PQ", "HNSW", "DISKANN", "AUTOINDEX")
 # Search parameter names: vitp's (FAISS's) -> Milvus's.
 _SEARCH_PARAMETER_NAMES = {"nprobe": "nprobe", "efSearch": "ef"}
@@ -246,7 +246,7 @@ class MilvusIndex(RetrievalIndex):
         uri, collection = where["uri"], where["collection"]
         if is_local_file(uri) and not Path(uri).is_absolute():
             uri = str(directory / uri)
-        if is_local_file(uri) and not Path(uri).is_file():
+        if is_local_file(uri) and not Path(uri).exists():
             raise RetrievalIndexError(f"{directory}: its Milvus Lite file {uri} does not exist")
         connection = Connection(uri)
         if not connection.call("look up the collection", lambda client: client.has_collection(collection)):
@@ -389,7 +389,15 @@ def _create_collection(connection: Connection, collection: str, dimension: int, 
     def create(client) -> None:
         index = client.prepare_index_params()
         index.add_index(field_name="vector", index_type=index_type, metric_type="IP", params=index_params)
-        client.create_collection(collection, schema=schema, index_params=index, consistency_level="Strong")
+        # pymilvus first asks for a timestamp that Milvus Lite's embedded server does not offer; the server
+        # logs that as an error with a traceback, and pymilvus goes on without it. Keep that out of the output.
+        server_log = logging.getLogger("grpc._server")
+        level = server_log.level
+        server_log.setLevel(logging.CRITICAL)
+        try:
+            client.create_collection(collection, schema=schema, index_params=index, consistency_level="Strong")
+        finally:
+            server_log.setLevel(level)
 
     connection.call("create the collection", create)
 
