@@ -149,3 +149,25 @@ def test_the_commands_work_against_a_milvus_index(tmp_path, capsys):
     capsys.readouterr()
     assert main(["index", "info", str(tmp_path / "m.index")]) == 0
     assert "Milvus Lite FLAT collection vitp_m of 200 x 16" in capsys.readouterr().out
+
+
+LOAD_IN_ANOTHER_PROCESS = """
+import sys
+from vitp.retrieval.backends.milvus import MilvusBackendError
+from vitp.retrieval.index import RetrievalIndex
+try:
+    RetrievalIndex.load(sys.argv[1])
+except MilvusBackendError as err:
+    print(err)
+"""
+
+
+def test_a_lite_file_open_in_another_process_is_a_clear_error(tmp_path):
+    import subprocess
+    import sys
+
+    index = RetrievalIndex.load(build_milvus(random_features(20), tmp_path / "m.index"))  # holds the file open
+    done = subprocess.run([sys.executable, "-c", LOAD_IN_ANOTHER_PROCESS, str(tmp_path / "m.index")],
+                          capture_output=True, text=True, timeout=120)
+    assert "is in use by another process, and a Milvus Lite file serves one process at a time" in done.stdout
+    assert len(index) == 20

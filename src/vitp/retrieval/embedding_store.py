@@ -10,7 +10,7 @@ row in the paired ``.npy``). Shards are written one at a time, so a store is nev
 ``store.json`` is written last, so a folder without it is not a finished store.
 
 Reading (:class:`EmbeddingStore`): the paths and labels are loaded (a few dozen bytes per image); the
-vectors stay on disk, memory-mapped, and are read in chunks (:meth:`EmbeddingStore.chunks`) or by id
+vectors stay on disk and are read in chunks (:meth:`EmbeddingStore.chunks`) or by id
 (:meth:`EmbeddingStore.take`), as float32, checked and L2-normalised. A :class:`FeatureSet` (an
 ``.npz`` in memory) offers the same two methods, so index building reads either the same way.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,7 @@ STORE_DTYPES = ("float32", "float16")
 METADATA_COLUMNS = ("image_path", "label", "size", "mtime_ns", "row")
 # Rows read at a time by default: 64 Ki rows of 1024 float32 = 256 MiB.
 DEFAULT_CHUNK_ROWS = 65536
-# Shards kept memory-mapped at once (each mapping holds a file descriptor).
+# Shard files kept open at once (one file descriptor each).
 _OPEN_SHARDS = 32
 
 
@@ -102,7 +103,7 @@ def write_manifest(directory: Path, settings: dict[str, Any] | None, dtype: str,
 
 @dataclass
 class EmbeddingStore:
-    """A finished store: metadata in memory, vectors memory-mapped shard by shard."""
+    """A finished store: metadata in memory, vectors read from the shards as asked."""
 
     directory: Path
     settings: dict[str, Any] | None
@@ -114,7 +115,7 @@ class EmbeddingStore:
     _dimension: int
 
     def __post_init__(self) -> None:
-        self._mapped: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._opened: OrderedDict[int, tuple[int, int]] = OrderedDict()
         self._warned_norms = False
 
     @property
@@ -182,19 +183,17 @@ class EmbeddingStore:
             yield start, self.take(np.arange(start, min(start + rows, len(self))))
 
     def take(self, ids: np.ndarray) -> np.ndarray:
-        """Rows ``ids`` (any order) as checked, L2-normalised float32 [len(ids), D]."""
+        """Rows ``ids`` (any order, repeats allowed) as checked, L2-normalised float32 [len(ids), D]."""
         ids = np.asarray(ids, dtype=np.int64)
-        out = np.empty((len(ids), self.dimension), dtype=np.float32)
-        shard_of = np.searchsorted(self.offsets, ids, side="right") - 1
+        if len(ids) and (ids.min() < 0 or ids.max() >= len(self)):
+            raise IndexError(f"row ids must be in 0..{len(self) - 1}")
+        unique, inverse = np.unique(ids, return_inverse=True)
+        rows = np.empty((len(unique), self.dimension), dtype=np.float32)
+        shard_of = np.searchsorted(self.offsets, unique, side="right") - 1
         for shard in np.unique(shard_of):
             where = np.flatnonzero(shard_of == shard)
-            local = ids[where] - self.offsets[shard]
-            if local.size and (local[0] + len(local) - 1 == local[-1]) and np.all(np.diff(local) == 1):
-                out[where] = self._shard(int(shard))[local[0] : local[-1] + 1]  # a contiguous slice: no gather
-            else:
-                out[where] = self._shard(int(shard))[local]
-        return self._checked(out, ids)
-
+            rows[where] = self._read_rows(int(shard), unique[where] - self.offsets[shard])
+        return self._checked(rows[inverse], ids)
     def load(self) -> FeatureSet:
         """The whole store in memory, as a FeatureSet (query sets, small galleries)."""
         features = np.empty((len(self), self.dimension), dtype=np.float32)
@@ -202,20 +201,50 @@ class EmbeddingStore:
             features[start : start + len(chunk)] = chunk
         return FeatureSet(features, self.image_paths, self.labels, self.settings, self.source)
 
-    def _shard(self, number: int) -> np.ndarray:
-        mapped = self._mapped.get(number)
-        if mapped is None:
+    def _read_rows(self, shard: int, rows: np.ndarray) -> np.ndarray:
+        """Sorted, distinct rows of one shard, read run by run with ``pread``: no memory map, so what was
+        read does not stay counted in this process's memory (only in the OS's page cache)."""
+        descriptor, data_offset = self._open(shard)
+        itemsize = np.dtype(self.dtype).itemsize
+        row_bytes = self.dimension * itemsize
+        out = np.empty((len(rows), self.dimension), dtype=self.dtype)
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        for first, last in zip(np.concatenate([[0], breaks]), np.concatenate([breaks, [len(rows)]])):
+            count = int(last - first)
+            data = os.pread(descriptor, count * row_bytes, data_offset + int(rows[first]) * row_bytes)
+            if len(data) != count * row_bytes:
+                raise FeatureFileError(f"{self.directory}: shard {self.shard_names[shard]} is shorter than its header says")
+            out[first:last] = np.frombuffer(data, dtype=self.dtype).reshape(count, self.dimension)
+        return out
+
+    def _open(self, number: int) -> tuple[int, int]:
+        """(file descriptor, offset of the first row) of a shard's .npy, kept open for the next reads."""
+        opened = self._opened.get(number)
+        if opened is None:
             path = self.directory / "embeddings" / f"{self.shard_names[number]}.npy"
             try:
-                mapped = np.load(path, mmap_mode="r", allow_pickle=False)
+                with open(path, "rb") as handle:
+                    _npy_header_of(handle)
+                    data_offset = handle.tell()
+                descriptor = os.open(path, os.O_RDONLY)
             except (OSError, ValueError) as err:
                 raise FeatureFileError(f"{self.directory}: cannot read shard {path.name} ({err})") from None
-            self._mapped[number] = mapped
-            if len(self._mapped) > _OPEN_SHARDS:
-                self._mapped.popitem(last=False)
+            opened = self._opened[number] = (descriptor, data_offset)
+            if len(self._opened) > _OPEN_SHARDS:
+                os.close(self._opened.popitem(last=False)[1][0])
         else:
-            self._mapped.move_to_end(number)
-        return mapped
+            self._opened.move_to_end(number)
+        return opened
+
+    def close(self) -> None:
+        while self._opened:
+            os.close(self._opened.popitem()[1][0])
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except (OSError, AttributeError):
+            pass
 
     def _checked(self, vectors: np.ndarray, ids: np.ndarray) -> np.ndarray:
         normalised, was_unit = check_vectors(vectors, lambda row: self._describe_row(int(ids[row])))
@@ -247,9 +276,16 @@ def load_feature_set(path: Path | str) -> FeatureSet:
 
 def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
     with open(path, "rb") as handle:
-        version = np.lib.format.read_magic(handle)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, dtype = read_header(handle)
+        return _npy_header_of(handle)
+
+
+def _npy_header_of(handle) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of an .npy file opened at its start; leaves it at the first byte of data."""
+    version = np.lib.format.read_magic(handle)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran_order, dtype = read_header(handle)
+    if fortran_order:
+        raise ValueError("a Fortran-ordered array; rows must be contiguous")
     return tuple(shape), dtype
 
 

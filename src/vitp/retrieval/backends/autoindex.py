@@ -12,8 +12,9 @@ Three changes, each measured or needed on a small machine:
 * the OPQ output ``y`` is the smallest multiple of ``m`` not below ``d`` (autofaiss adds one more
   ``m``): on 10^5 clustered 256-d vectors, PQ128 after OPQ128_384 found 0.845 of the exact top-10,
   after OPQ128_256 0.898 (benchmarks/scale.py's data, nprobe 16);
-* OPQ trains for :data:`OPQ_ITERATIONS` rounds instead of FAISS's 50, and no polysemous codes are
-  trained (vitp never searches with Hamming thresholds): together 5x less training time.
+* OPQ trains for :data:`OPQ_ITERATIONS` rounds instead of FAISS's 50, on one codebook's worth of
+  vectors (39 per centroid), and no polysemous codes are trained (vitp never searches with Hamming
+  thresholds).
 
 Search-time tuning (:func:`tune_search`) is autofaiss's too: the largest nprobe (IVF) or efSearch
 (HNSW) whose measured time per query stays under ``max_query_ms``, found by bisection.

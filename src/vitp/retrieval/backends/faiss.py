@@ -550,7 +550,7 @@ def _with_transforms(index: faiss.Index, transforms: list[faiss.VectorTransform]
 
 def _train_faster(index: faiss.Index, opq_iterations: int | None) -> None:
     """No polysemous code training (it only reorders PQ centroids for Hamming-threshold search, which
-    vitp never uses: same results, much less time); fewer OPQ rounds when asked."""
+    vitp never uses: same results, much less time); fewer OPQ rounds, on fewer vectors, when asked."""
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None and isinstance(faiss.downcast_index(ivf), faiss.IndexIVFPQ):
         faiss.downcast_index(ivf).do_polysemous_training = False
@@ -559,6 +559,7 @@ def _train_faster(index: faiss.Index, opq_iterations: int | None) -> None:
             transform = faiss.downcast_VectorTransform(index.chain.at(i))
             if isinstance(transform, faiss.OPQMatrix):
                 transform.niter = opq_iterations
+                transform.max_train_points = autoindex.PQ_TRAIN_ROWS  # the rotation needs no more than a codebook
 
 
 def _train(index: faiss.Index, vectors: np.ndarray, factory: str, faiss_device: str) -> faiss.Index:

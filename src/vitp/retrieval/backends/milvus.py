@@ -120,7 +120,16 @@ class Connection:
         if is_local_file(self.uri):
             Path(self.uri).parent.mkdir(parents=True, exist_ok=True)
         token = os.environ.get("MILVUS_TOKEN", "")
-        return MilvusClient(uri=self.uri, token=token) if token else MilvusClient(uri=self.uri)
+        try:
+            return MilvusClient(uri=self.uri, token=token) if token else MilvusClient(uri=self.uri)
+        except Exception as err:
+            if is_local_file(self.uri) and _locked_elsewhere(Path(self.uri) / "LOCK"):
+                raise MilvusBackendError(
+                    f"Milvus Lite file {self.uri} is in use by another process, and a Milvus Lite file serves one "
+                    f"process at a time: stop the other one (a `vitp serve`?), or put the collection on a Milvus "
+                    f"server to use it from several processes"
+                ) from None
+            raise
 
     def close(self) -> None:
         if self.client is not None:
@@ -129,6 +138,24 @@ class Connection:
             except Exception:  # noqa: BLE001 - a broken client may fail to close; a new one is made anyway
                 pass
             self.client = None
+
+
+def _locked_elsewhere(lock_file: Path) -> bool:
+    """Whether another process holds the lock Milvus Lite takes on its data folder (pymilvus only says
+    "Open local milvus failed")."""
+    import fcntl
+
+    try:
+        descriptor = os.open(lock_file, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(descriptor)  # releases the probe's own lock, if it got one
+    return False
 
 
 def _reason(err: BaseException) -> str:
