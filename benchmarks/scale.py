@@ -47,26 +47,14 @@ from pathlib import Path
 
 import numpy as np
 
+from peak_memory import reset_peak, status_kb
+
 SHARD_ROWS = 100_000
 LATENT, CLASSES, SPREAD, NOISE = 32, 1000, 0.6, 0.05
 
 
 # --------------------------------------------------------------------------------------------------
 # Memory
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def reset_peak() -> None:
-    """Resets VmHWM (peak RSS) to the current RSS (Linux)."""
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")
 
 
 class TreePeak:
@@ -146,7 +134,7 @@ def build_child(args: argparse.Namespace) -> None:
     store = EmbeddingStore.open(args.store)
     queries = np.load(args.queries_file)
     reset_peak()
-    before = _status_kb("VmRSS") * 1024
+    before = status_kb("VmRSS") * 1024
     started = time.perf_counter()
     with TreePeak() as tree:
         if args.child == "flat":
@@ -158,7 +146,7 @@ def build_child(args: argparse.Namespace) -> None:
             index = RetrievalIndex.build(store, backend="milvus", uri=str(Path(args.index_dir) / "milvus.db"),
                                          collection="scale", index_type=args.milvus_index, progress_bar=False)
         build_seconds = time.perf_counter() - started
-        peak = _status_kb("VmHWM") * 1024
+        peak = status_kb("VmHWM") * 1024
         index.save(args.index_dir)
     on_disk = sum(path.stat().st_size for path in Path(args.index_dir).rglob("*") if path.is_file())
     prepared = index.prepare_queries(queries)

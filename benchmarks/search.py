@@ -31,6 +31,7 @@ from contextlib import contextmanager
 import faiss
 import numpy as np
 
+from peak_memory import reset_peak, status_kb
 from vitp.retrieval.evaluate import evaluate_retrieval
 from vitp.retrieval.feature_file import FeatureSet
 from vitp.retrieval.index import RetrievalIndex
@@ -76,26 +77,14 @@ def seed_rerank_with_query_expansion(query_features, gallery_features, initial_i
 # Measuring
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
 @contextmanager
 def measured(results: dict, name: str):
     """Wall time and the peak resident memory added during the block (Linux; 0 where unsupported)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")  # resets VmHWM (peak RSS) to the current RSS
-    except OSError:
-        pass
-    before = _status_kb("VmRSS")
+    reset_peak()
+    before = status_kb("VmRSS")
     start = time.perf_counter()
     yield
-    results[name] = (time.perf_counter() - start, max(0, _status_kb("VmHWM") - before) * 1024)
+    results[name] = (time.perf_counter() - start, max(0, status_kb("VmHWM") - before) * 1024)
 
 
 def synthetic_features(count, dimension, classes, seed, prefix):

@@ -193,7 +193,8 @@ class EmbeddingStore:
         for shard in np.unique(shard_of):
             where = np.flatnonzero(shard_of == shard)
             rows[where] = self._read_rows(int(shard), unique[where] - self.offsets[shard])
-        return self._checked(rows[inverse], ids)
+        in_order = len(unique) == len(ids) and bool(np.all(unique == ids))  # sorted and distinct: no copy needed
+        return self._checked(rows if in_order else rows[inverse], ids)
     def load(self) -> FeatureSet:
         """The whole store in memory, as a FeatureSet (query sets, small galleries)."""
         features = np.empty((len(self), self.dimension), dtype=np.float32)

@@ -39,8 +39,8 @@ FEATURES_FORMAT = "vitp-features"
 COMPATIBILITY_KEYS = ("model_fingerprint", "layer", "pool", "image_size")
 # Norms further than this from 1 mean the features were not L2-normalised.
 _NORM_TOLERANCE = 1e-3
-# Rows whose norms are computed at a time (in float64).
-_NORM_CHUNK_ROWS = 65536
+# Bytes of float64 rows whose norms are computed at a time.
+_NORM_CHUNK_BYTES = 8 * 2**20
 
 
 class FeatureFileError(VitpError):
@@ -225,6 +225,8 @@ def check_vectors(vectors: np.ndarray, describe_row) -> tuple[np.ndarray, bool]:
         raise FeatureFileError(f"a feature row is all zeros and cannot be normalised: {describe_row(int(np.flatnonzero(norms == 0)[0]))}")
     if np.abs(norms - 1).max() <= _NORM_TOLERANCE:
         return vectors, True
+    if norms.max() < np.finfo(np.float32).max:
+        return vectors / norms[:, None].astype(np.float32), False  # no float64 copy of the vectors
     return (vectors / norms[:, None]).astype(np.float32), False
 
 
@@ -232,8 +234,9 @@ def _row_norms(features: np.ndarray) -> np.ndarray:
     """L2 norm of each row, summed in float64: in float32 the squares of values above ~1e19 overflow
     to inf, and dividing by inf would turn those rows into zeros. Chunked to bound the float64 copy."""
     norms = np.empty(len(features), dtype=np.float64)
-    for start in range(0, len(features), _NORM_CHUNK_ROWS):
-        chunk = features[start : start + _NORM_CHUNK_ROWS].astype(np.float64)
+    rows = max(1, _NORM_CHUNK_BYTES // (8 * max(features.shape[1], 1)))
+    for start in range(0, len(features), rows):
+        chunk = features[start : start + rows].astype(np.float64)
         norms[start : start + len(chunk)] = np.linalg.norm(chunk, axis=1)
     return norms
 

@@ -95,11 +95,12 @@ def lists_within(count: int, dimension: int, budget: int) -> int:
 
 
 def training_rows(count: int, dimension: int, lists: int, quantized: bool, budget: int | None) -> int:
-    """Vectors to train on: ~100 per IVF list as autofaiss gives (at least 39), enough for the PQ
-    codebooks, within half the budget, never more than the gallery."""
+    """Vectors to train on: ~100 per IVF list as autofaiss gives, within a quarter of the budget (FAISS
+    makes a few working copies: rotated, residuals), but at least 39 per list and enough for the PQ
+    codebooks; never more than the gallery."""
     wanted = max(TRAIN_PER_LIST * lists, PQ_TRAIN_ROWS if quantized else 0)
     if budget is not None:
-        affordable = budget // 2 // (dimension * 4 * 2)
+        affordable = budget // 4 // (dimension * 4 * 2)
         wanted = min(wanted, max(affordable, MIN_TRAIN_PER_LIST * lists, PQ_TRAIN_ROWS if quantized else 0))
     return min(count, wanted)
 

@@ -227,6 +227,16 @@ def _sample_ids(count: int, size: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(count, size=size, replace=False)).astype(np.int64)
 
 
+def _held_out_ids(count: int, train_ids: np.ndarray | None) -> np.ndarray:
+    """Up to :data:`_HELD_OUT_QUERIES` sorted gallery rows that were not in the training sample (drawn
+    without listing all rows: a billion-row gallery must not cost a billion-entry array)."""
+    trained = 0 if train_ids is None else len(train_ids)
+    drawn = np.random.default_rng(3).choice(count, size=min(count, _HELD_OUT_QUERIES + trained), replace=False)
+    if train_ids is not None:
+        drawn = drawn[~np.isin(drawn, train_ids)]
+    return np.sort(drawn[:_HELD_OUT_QUERIES]).astype(np.int64)
+
+
 def _chunk_rows(dimension: int, budget: int | None) -> int:
     """Rows read and added at a time: 1/16 of the budget (a chunk is copied a few times on its way in)."""
     if budget is None:
@@ -352,6 +362,8 @@ class FaissIndex(RetrievalIndex):
             train_rows = choice.train_rows if choice else _training_rows(factory, len(gallery))
             train_ids = _sample_ids(len(gallery), train_rows, seed=2)
             inner = _train(inner, space.take(train_ids), factory, faiss_device)
+        if choice is not None:
+            _reserve_inverted_lists(inner, space.chunks(chunk_rows))
         inner = _add_all(inner, space.chunks(chunk_rows), len(gallery), factory, faiss_device, progress_bar)
 
         vectors = None
@@ -404,8 +416,7 @@ class FaissIndex(RetrievalIndex):
     def _tune_and_measure(self, space: Space, train_ids: np.ndarray | None, max_query_ms: float | None) -> None:
         """nprobe / efSearch to the query-time target; recall@10 against exact search on held-out vectors."""
         count = len(self)
-        candidates = np.setdiff1d(np.arange(count), train_ids) if train_ids is not None and len(train_ids) < count else np.arange(count)
-        held_out = np.sort(np.random.default_rng(3).choice(candidates, size=min(_HELD_OUT_QUERIES, len(candidates)), replace=False))
+        held_out = _held_out_ids(count, train_ids if train_ids is not None and len(train_ids) < count else None)
         queries = space.take(held_out)
         tuning: dict[str, Any] = {"held_out_queries": len(held_out)}
         lists = getattr(faiss.try_extract_index_ivf(self.cpu_index), "nlist", 0)
@@ -590,6 +601,30 @@ def _add_all(index: faiss.Index, chunks, total: int, factory: str, faiss_device:
                 ) from None
             bar.update(len(chunk))
     return to_cpu(device_index)
+
+
+def _reserve_inverted_lists(index: faiss.Index, chunks) -> None:
+    """Give each inverted list of an IVF index room for exactly the vectors it will receive, counted in
+    a first pass over the gallery: lists that grow one add at a time double their capacity, and the
+    index would take up to twice its size in memory."""
+    ivf = faiss.try_extract_index_ivf(index)
+    lists = None if ivf is None else faiss.downcast_InvertedLists(ivf.invlists)
+    if not isinstance(lists, faiss.ArrayInvertedLists):
+        return
+    transforms = []
+    if isinstance(index, faiss.IndexPreTransform):  # the factory's own rotation (OPQ) comes before the lists
+        transforms = [faiss.downcast_VectorTransform(index.chain.at(i)) for i in range(index.chain.size())]
+    quantizer = faiss.downcast_index(ivf.quantizer)
+    counts = np.zeros(ivf.nlist, dtype=np.int64)
+    for _, chunk in chunks:
+        for transform in transforms:
+            chunk = transform.apply(chunk)
+        _, assigned = quantizer.search(np.ascontiguousarray(chunk, dtype=np.float32), 1)
+        counts += np.bincount(assigned.ravel(), minlength=ivf.nlist)
+    for number in np.flatnonzero(counts):
+        held = lists.list_size(int(number))
+        lists.resize(int(number), held + int(counts[number]))  # allocates exactly ...
+        lists.resize(int(number), held)  # ... and keeps that capacity for the adds
 
 
 def _database_side_augmentation(
