@@ -129,11 +129,6 @@ class EmbeddingStore:
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
-    @property
-    def nbytes(self) -> int:
-        """Size of all vectors as float32."""
-        return len(self) * self.dimension * 4
-
     # ---------------------------------------------------------------------------------------------
     # Opening
 

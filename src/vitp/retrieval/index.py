@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from vitp.errors import VitpError
-from vitp.retrieval.feature_file import FeatureSet, check_compatible
+from vitp.retrieval.feature_file import check_compatible
 from vitp.retrieval.rerank import weighted_expansion
 from vitp.tensor_io import check_parent_folders, make_parent_folder
 

@@ -35,7 +35,6 @@ import vitp
 from vitp.retrieval.index import (
     INDEX_FORMAT,
     INDEX_VERSION,
-    MILVUS_LITE_FILE,
     RetrievalIndex,
     RetrievalIndexError,
     check_index_output,

@@ -181,14 +181,15 @@ def extract_features(
 
 def _check_arguments(image_dir: Path, batch_size: int, shard_size: int, num_workers: int | None, max_pixels: int,
                      store_dtype: str, store_shard_size: int) -> None:
-    if batch_size < 1 or shard_size < 1 or store_shard_size < 1:
-        raise ExtractionError(f"--batch_size, --shard_size and --store_shard_size must be >= 1 (got {batch_size}, "
-                              f"{shard_size} and {store_shard_size})")
+    if batch_size < 1 or shard_size < 1:
+        raise ExtractionError(f"--batch_size and --shard_size must be >= 1 (got {batch_size} and {shard_size})")
+    if store_shard_size < 1:
+        raise ExtractionError(f"store_shard_size must be >= 1, got {store_shard_size}")
     check_num_workers(num_workers)
     if max_pixels < 1:  # 0 would skip every image as "too large"
         raise ExtractionError(f"--max_pixels {max_pixels}: must be >= 1 (leave it out for Pillow's bomb limit)")
     if store_dtype not in embedding_store.STORE_DTYPES:
-        raise ExtractionError(f"--store_dtype {store_dtype!r}: expected one of {', '.join(embedding_store.STORE_DTYPES)}")
+        raise ExtractionError(f"store_dtype {store_dtype!r}: expected one of {', '.join(embedding_store.STORE_DTYPES)}")
     if not image_dir.is_dir():
         raise ExtractionError(f"--image_dir {image_dir}: not a directory")
 

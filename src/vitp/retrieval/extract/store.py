@@ -65,7 +65,7 @@ def check_store_output(directory: Path) -> None:
         not directory.is_dir()
         or (any(directory.iterdir()) and not (directory / embedding_store.STORE_MANIFEST).is_file())
     ):
-        raise ExtractionError(f"--output {directory}: exists and is not an embedding store; not overwriting it")
+        raise ExtractionError(f"{directory}: exists and is not an embedding store; not overwriting it")
     check_parent_folders(directory)
 
 
@@ -268,7 +268,7 @@ def check_same_file_list(names: list[str], world: World) -> None:
         if other != seen[0][1]:
             raise ExtractionError(
                 f"rank {rank} lists {count} images under the image folder and rank 0 lists {seen[0][0]} (or other "
-                f"ones): every node must see the same --image_dir"
+                f"ones): every node must see the same image folder"
             )
 
 
