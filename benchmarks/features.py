@@ -6,7 +6,7 @@
 * seed: ``extract_features.py`` of the seed guide — one image at a time, fp32, PIL open + torchvision
   transform, forward, mean, normalise (the InternViT is vitp's, with the same weights; the seed's
   ``InternVisionModel`` is the same network).
-* vitp: :func:`vitp.retrieval.extract_features` — DataLoader workers, batches, ``--dtype``, shards,
+* vitp: :func:`vitp.retrieval.extract.extract_features` — DataLoader workers, batches, ``--dtype``, shards,
   atomic output — with the model already loaded (both timings exclude loading the checkpoint).
 
 Prints images/s for both and the ratio, and the achieved GFLOP/s (analytic FLOPs of the ViT forward)
@@ -32,8 +32,9 @@ from torchvision import transforms
 
 from vitp import build_vit, save_vit
 from vitp.model.vision import VisionConfig
+from vitp.retrieval.extract import extract_features, load_feature_model
+from vitp.retrieval.extract.embedder import DTYPES
 from vitp.retrieval.feature_file import load_features
-from vitp.retrieval.features import DTYPES, extract_features, load_feature_model
 
 
 def vit_forward_flops(config: VisionConfig, layers: int | None = None) -> float:

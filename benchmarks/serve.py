@@ -67,8 +67,8 @@ def build_index(work: Path, args: argparse.Namespace) -> tuple[Path, list[Path]]
     import torch
 
     from vitp import build_vit, save_vit
+    from vitp.retrieval.extract import extract_features
     from vitp.retrieval.feature_file import load_features
-    from vitp.retrieval.features import extract_features
     from vitp.retrieval.index import RetrievalIndex
 
     started = time.perf_counter()

@@ -11,9 +11,9 @@ from PIL import Image
 
 import vitp
 from vitp.data.images import build_transform, load_image
-from vitp.retrieval import features as features_module
+from vitp.retrieval.extract import ExtractionError, embed_files, extract_features, load_feature_model
+from vitp.retrieval.extract import embedder as embedder_module
 from vitp.retrieval.feature_file import load_features
-from vitp.retrieval.features import ExtractionError, extract_features, load_feature_model
 
 FAST = dict(num_workers=0, progress_bar=False, device="cpu", dtype="fp32")
 
@@ -91,9 +91,9 @@ def test_a_folder_of_only_bad_files_is_an_error(tmp_path, vit_file):
 KILLED_RUN = textwrap.dedent(
     """
     import os, signal, sys
-    from vitp.retrieval import features
+    from vitp.retrieval.extract import embedder, extract_features
 
-    real_embed, calls = features.embed_batch, [0]
+    real_embed, calls = embedder.embed_batch, [0]
 
     def embed_then_die(*args, **kwargs):
         calls[0] += 1
@@ -101,8 +101,8 @@ KILLED_RUN = textwrap.dedent(
             os.kill(os.getpid(), signal.SIGKILL)
         return real_embed(*args, **kwargs)
 
-    features.embed_batch = embed_then_die
-    features.extract_features(sys.argv[1], sys.argv[2], sys.argv[3], batch_size=2, shard_size=2,
+    embedder.embed_batch = embed_then_die
+    extract_features(sys.argv[1], sys.argv[2], sys.argv[3], batch_size=2, shard_size=2,
                               num_workers=0, progress_bar=False, device="cpu", dtype="fp32")
     """
 )
@@ -126,7 +126,7 @@ def test_a_killed_run_resumes_to_an_identical_file(image_tree, vit_file, tmp_pat
 
 
 def test_interrupt_keeps_finished_batches_and_other_settings_are_refused(image_tree, vit_file, tmp_path, monkeypatch):
-    real_embed, calls = features_module.embed_batch, [0]
+    real_embed, calls = embedder_module.embed_batch, [0]
 
     def interrupted(*args, **kwargs):
         calls[0] += 1
@@ -134,10 +134,10 @@ def test_interrupt_keeps_finished_batches_and_other_settings_are_refused(image_t
             raise KeyboardInterrupt
         return real_embed(*args, **kwargs)
 
-    monkeypatch.setattr(features_module, "embed_batch", interrupted)
+    monkeypatch.setattr(embedder_module, "embed_batch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         extract_features(image_tree, tmp_path / "g.npz", vit_file, batch_size=3, shard_size=100, **FAST)
-    monkeypatch.setattr(features_module, "embed_batch", real_embed)
+    monkeypatch.setattr(embedder_module, "embed_batch", real_embed)
     assert len(list((tmp_path / "g.npz.partial").glob("shard-*.npz"))) == 1  # flushed on the way out
 
     with pytest.raises(ExtractionError, match="different settings:\n  pool: 'mean' before, 'cls' now"):
@@ -188,7 +188,7 @@ def test_images_directly_in_the_image_dir_are_warned_about(image_tree, vit_file,
 def test_any_error_mid_run_keeps_finished_batches_and_the_rerun_gives_an_identical_file(
     image_tree, vit_file, tmp_path, monkeypatch
 ):
-    real_embed, calls = features_module.embed_batch, [0]
+    real_embed, calls = embedder_module.embed_batch, [0]
 
     def fails_on_the_third_batch(*args, **kwargs):
         calls[0] += 1
@@ -197,10 +197,10 @@ def test_any_error_mid_run_keeps_finished_batches_and_the_rerun_gives_an_identic
         return real_embed(*args, **kwargs)
 
     options = dict(batch_size=2, shard_size=100, **FAST)  # shards would only be written at the end
-    monkeypatch.setattr(features_module, "embed_batch", fails_on_the_third_batch)
+    monkeypatch.setattr(embedder_module, "embed_batch", fails_on_the_third_batch)
     with pytest.raises(RuntimeError, match="simulated"):
         extract_features(image_tree, tmp_path / "resumed.npz", vit_file, **options)
-    monkeypatch.setattr(features_module, "embed_batch", real_embed)
+    monkeypatch.setattr(embedder_module, "embed_batch", real_embed)
 
     resumed = extract_features(image_tree, tmp_path / "resumed.npz", vit_file, **options)
     assert resumed.num_reused == 4  # the two batches finished before the error
@@ -214,7 +214,7 @@ def test_a_negative_number_of_workers_is_refused(image_tree, vit_file, tmp_path)
         extract_features(image_tree, tmp_path / "g.npz", vit_file, **options)
     feature_model = load_feature_model(vit_file, device="cpu", dtype="fp32")
     with pytest.raises(ExtractionError, match="--num_workers -1"):
-        features_module.embed_files(feature_model, sorted(image_tree.rglob("*.png")), -1, "mean", num_workers=-1)
+        embed_files(feature_model, sorted(image_tree.rglob("*.png")), -1, "mean", num_workers=-1)
 
 
 @pytest.mark.parametrize("max_pixels", [0, -1])

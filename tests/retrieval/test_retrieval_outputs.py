@@ -22,10 +22,16 @@ def test_a_failed_final_rename_removes_the_temporary_file(tmp_path):
 def test_features_output_that_is_a_directory_is_refused_before_any_image(tmp_path, capsys):
     (tmp_path / "images").mkdir()
     (tmp_path / "out.npz").mkdir()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("not an embedding store")
     missing_model = tmp_path / "no_such_vit.safetensors"  # not loaded: the output is checked first
-    assert main(["features", "--image_dir", str(tmp_path / "images"), "--output", str(tmp_path / "out"),
-                 "--vit_checkpoint", str(missing_model), "--no_progress"]) == 2
+    common = ["features", "--image_dir", str(tmp_path / "images"), "--vit_checkpoint", str(missing_model), "--no_progress"]
+    assert main([*common, "--output", str(tmp_path / "out.npz")]) == 2
     assert f"--output {tmp_path / 'out.npz'}: is a directory" in capsys.readouterr().err
+    # A name without .npz is an embedding store folder: an existing folder of other things is never replaced.
+    assert main([*common, "--output", str(tmp_path / "notes")]) == 2
+    assert "exists and is not an embedding store" in capsys.readouterr().err
+    assert (tmp_path / "notes" / "keep.txt").exists()
 
 
 def test_search_and_evaluate_outputs_are_checked_before_the_work(tmp_path, capsys):

@@ -1,11 +1,12 @@
-"""PCA / whitening, query expansion (average and alpha) and DBA, against hand-computed values."""
+"""PCA / whitening (FAISS's, inside the index), query expansion (average and alpha) and DBA, against hand-computed values."""
 
+import faiss
 import numpy as np
 import pytest
 
 from vitp.retrieval.feature_file import FeatureSet
 from vitp.retrieval.index import RetrievalIndex
-from vitp.retrieval.rerank import PCAWhitening, PostProcessingError, l2_normalise, weighted_expansion
+from vitp.retrieval.rerank import PostProcessingError, l2_normalise, weighted_expansion
 
 
 def test_average_expansion_is_the_normalised_mean():
@@ -57,29 +58,43 @@ def test_dba_by_hand():
     assert index.meta["dba"] == {"k": 1, "alpha": 0.0}
 
 
-def test_pca_matches_the_covariance_and_whitening_gives_unit_variance():
+def pca_features(data: np.ndarray) -> FeatureSet:
+    paths = np.array([f"/g/c{i % 2}/{i}.png" for i in range(len(data))])
+    return FeatureSet(data.astype(np.float32), paths, np.array([f"c{i % 2}" for i in range(len(data))]), None)
+
+
+def test_pca_inside_the_index_matches_the_covariance_and_whitening_gives_unit_variance():
     rng = np.random.default_rng(2)
     data = (rng.normal(size=(500, 4)) * [5.0, 2.0, 1.0, 0.1] + [3, 0, 0, 1]).astype(np.float32)
-    pca = PCAWhitening.fit(data, 2, whiten=True)
-    eigenvalues = np.sort(np.linalg.eigvalsh(np.cov(data.T, bias=True)))[::-1][:2]
-    np.testing.assert_allclose(pca.eigenvalues, eigenvalues, rtol=1e-4)
-    np.testing.assert_allclose(np.abs(pca.components[0, 0]), 1.0, atol=0.01)  # first component along the widest axis
-    projected = ((data - pca.mean) @ pca.components) / np.sqrt(pca.eigenvalues)
+    index = RetrievalIndex.build(pca_features(data), pca_dimensions=2, whiten=True, progress_bar=False)
+    pca = index.transforms[0]  # FAISS's PCAMatrix, the first step of the index's own chain
+    # Oracle: numpy's eigendecomposition of the covariance.
+    eigenvalues, eigenvectors = np.linalg.eigh(np.cov(data.T, bias=True))
+    order = np.argsort(eigenvalues)[::-1][:2]
+    # FAISS keeps the scatter's eigenvalues (n x the covariance's), so its whitened output has variance 1/n:
+    # the same directions up to one common scale, which the L2 normalisation that follows removes.
+    n = len(data)
+    np.testing.assert_allclose(faiss.vector_to_array(pca.eigenvalues)[:2] / n, eigenvalues[order], rtol=1e-3)
+    whitened = ((data - data.mean(0)) @ eigenvectors[:, order]) / np.sqrt(eigenvalues[order])
+    projected = pca.apply(data) * np.sqrt(n)
+    np.testing.assert_allclose(np.abs(projected), np.abs(whitened), atol=2e-3)  # components' signs are arbitrary
     np.testing.assert_allclose(np.cov(projected.T, bias=True), np.eye(2), atol=1e-3)
-    out = pca.transform(data)
+    # Queries and gallery go through the same chain, ending L2-normalised.
+    out = index.prepare_queries(data)
     assert out.shape == (500, 2)
-    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(out, l2_normalise(whitened * np.sign(whitened[0] * projected[0])), atol=1e-3)
+    np.testing.assert_allclose(index.all_gallery_vectors(), out, rtol=1e-5, atol=1e-6)
 
 
 def test_pca_refuses_what_cannot_work():
     rng = np.random.default_rng(3)
     data = rng.normal(size=(10, 12)).astype(np.float32)
     with pytest.raises(PostProcessingError, match="feature dimension 12"):
-        PCAWhitening.fit(data, 13, whiten=False)
+        RetrievalIndex.build(pca_features(data), pca_dimensions=13, progress_bar=False)
     with pytest.raises(PostProcessingError, match="span at most 9 dimensions"):
-        PCAWhitening.fit(data, 10, whiten=False)
+        RetrievalIndex.build(pca_features(data), pca_dimensions=10, progress_bar=False)
     flat = np.concatenate([data[:, :3], np.zeros((10, 3), np.float32)], axis=1)  # 3 directions carry no variance
     with pytest.raises(PostProcessingError, match="only 3 directions"):
-        PCAWhitening.fit(flat, 5, whiten=True)
+        RetrievalIndex.build(pca_features(flat), pca_dimensions=5, whiten=True, progress_bar=False)
     with pytest.raises(PostProcessingError, match="alpha"):
         weighted_expansion(data[:1], data[None, :2], np.ones((1, 2)), alpha=-1)

@@ -11,8 +11,10 @@ import sys
 from pathlib import Path
 
 POOLS = ("mean", "cls")
-DEVICES_HELP = "auto (cuda if available), cpu, cuda or cuda:N"
+DEVICES_HELP = "auto (cuda if available; under torchrun each rank's own GPU), cpu, cuda or cuda:N"
 DTYPES = ("auto", "fp32", "bf16", "fp16")
+STORE_DTYPES = ("float32", "float16")
+BACKENDS = ("faiss", "milvus")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -90,17 +92,21 @@ def _progress(args: argparse.Namespace) -> bool:
 def _register_features(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "features",
-        help="extract ViT features of a folder of images into an .npz",
+        help="extract ViT features of a folder of images into an .npz or an embedding store",
         description=(
             "Embed every image under --image_dir (recursively: .jpg .jpeg .png .tif .tiff .bmp .webp) with the ViT: "
             "InternVL preprocessing (bicubic resize to the model's size, ImageNet mean/std), the --select_layer "
-            "tokens pooled (--pool) and L2-normalised. Writes the seed's .npz (features, image_paths) plus labels "
-            "(parent folder name) and the settings used. Unreadable files are skipped and listed in "
-            "<output>.skipped.txt. Killed runs continue where they stopped when the same command is run again."
+            "tokens pooled (--pool) and L2-normalised. --output NAME.npz writes the seed's .npz (features, "
+            "image_paths) plus labels (parent folder name) and the settings used; any other name writes an embedding "
+            "store folder (embeddings/*.npy + metadata/*.parquet, shard by shard) for galleries larger than memory. "
+            "Unreadable files are skipped and listed in <output>.skipped.txt. Killed runs continue where they stopped "
+            "when the same command is run again. Under torchrun (--nproc_per_node N, --nnodes M) the ranks split the "
+            "sorted file list, one GPU each (or one CPU process each), and the output is the same as one process's."
         ),
     )
     parser.add_argument("--image_dir", required=True, help="folder of images (class = parent folder name)")
-    parser.add_argument("--output", required=True, help="features file to write (.npz)")
+    parser.add_argument("--output", required=True,
+                        help="NAME.npz: one features file; any other name: an embedding store folder")
     parser.add_argument("--vit_checkpoint", required=True, help="ViT weights: any format `vitp convert-vit` reads")
     parser.add_argument("--vit_config", help="preset name or JSON config, for weights saved without one")
     parser.add_argument("--num_heads", type=int, help="override the number of attention heads of --vit_config")
@@ -113,6 +119,10 @@ def _register_features(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--shard_size", type=int, default=2048,
                         help="images per resume shard (default: %(default)s); a shard is also written every --shard_seconds")
     parser.add_argument("--shard_seconds", type=float, default=300.0, help="(default: %(default)s)")
+    parser.add_argument("--store_dtype", choices=STORE_DTYPES, default="float32",
+                        help="embedding store: precision of the stored vectors (default: %(default)s)")
+    parser.add_argument("--store_shard_size", type=int, default=100_000,
+                        help="embedding store: images of the sorted list per .npy/.parquet pair (default: %(default)s)")
     parser.add_argument("--max_pixels", type=int, help="skip images with more pixels (default: Pillow's bomb limit)")
     parser.add_argument("--restart", action="store_true", help="discard the shards of an unfinished earlier run")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
@@ -122,27 +132,36 @@ def _register_features(subparsers: argparse._SubParsersAction) -> None:
 def _run_features(args: argparse.Namespace) -> int:
     from vitp.data.images import DEFAULT_MAX_PIXELS
     from vitp.model.vit_checkpoint import config_from_argument
-    from vitp.retrieval.features import extract_features, partial_directory
+    from vitp.retrieval.embedding_store import is_store_path
+    from vitp.retrieval.extract import extract_features
+    from vitp.retrieval.extract.store import check_store_output, partial_directory
     from vitp.tensor_io import check_output_path
 
-    check_output_path(_features_output(args.output))  # before the model is loaded and any image embedded
+    output = Path(args.output)
+    # Before the model is loaded and any image embedded.
+    check_store_output(output) if is_store_path(output) else check_output_path(output)
     config = None
     if args.vit_config:
         config = config_from_argument(args.vit_config, **({"num_heads": args.num_heads} if args.num_heads else {}))
     try:
         result = extract_features(
-            args.image_dir, args.output, args.vit_checkpoint,
+            args.image_dir, output, args.vit_checkpoint,
             vit_config=config, image_size=args.image_size, select_layer=args.select_layer, pool=args.pool,
             batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, dtype=args.dtype,
-            shard_size=args.shard_size, shard_seconds=args.shard_seconds,
+            shard_size=args.shard_size, shard_seconds=args.shard_seconds, store_dtype=args.store_dtype,
+            store_shard_size=args.store_shard_size,
             max_pixels=DEFAULT_MAX_PIXELS if args.max_pixels is None else args.max_pixels, restart=args.restart, progress_bar=_progress(args),
         )
     except KeyboardInterrupt:
-        print(f"\ninterrupted: finished batches are kept in {partial_directory(_features_output(args.output))}; "
+        print(f"\ninterrupted: finished batches are kept in {partial_directory(output)}; "
               f"run the same command again to continue", file=sys.stderr)
         return 130
-    settings = result.feature_set.settings
+    if not result.world.is_main:
+        return 0  # rank 0 reports for every rank
+    settings = result.settings
     print(f"找到 {result.num_found} 张图像 (found {result.num_found} images under {args.image_dir})")
+    if result.world.size > 1:
+        print(f"{result.world.size} processes (torchrun ranks) shared the work")
     if result.num_reused:
         print(f"continued an unfinished run: {result.num_reused} images were already done")
     print(f"model {settings['vit_checkpoint']} ({settings['model_fingerprint'][:19]}), layer {settings['layer']}, "
@@ -153,17 +172,12 @@ def _run_features(args: argparse.Namespace) -> int:
             print(f"  {path}: {reason}")
         if len(result.skipped) > 10:
             print(f"  ... {len(result.skipped) - 10} more")
-    computed = result.num_found - result.num_reused
-    print(f"特征已保存到 {result.output} (features saved to {result.output})")
-    print(f"特征形状: {result.feature_set.features.shape} (feature shape; {computed} images in "
-          f"{result.seconds:.1f} s, {computed / max(result.seconds, 1e-9):.1f} images/s)")
+    computed = result.num_found - result.num_reused - len(result.skipped)
+    kind = "embedding store" if is_store_path(output) else "features"
+    print(f"特征已保存到 {result.output} ({kind} saved to {result.output})")
+    print(f"特征形状: {result.shape} (feature shape; {result.seconds:.1f} s, "
+          f"{max(computed, 0) / max(result.seconds, 1e-9):.1f} images/s)")
     return 0
-
-
-def _features_output(output: str) -> Path:
-    """The file `features` writes: --output, with .npz added as np.savez does."""
-    path = Path(output)
-    return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -171,21 +185,40 @@ def _features_output(output: str) -> Path:
 
 
 def _register_index(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("index", help="build or describe a FAISS index of gallery features")
+    parser = subparsers.add_parser("index", help="build or describe an index of gallery features (FAISS or Milvus)")
     actions = parser.add_subparsers(dest="index_command", required=True, metavar="ACTION")
 
     build = actions.add_parser(
         "build",
-        help="build a FAISS index from a features file",
+        help="build an index from a features file or an embedding store",
         description=(
-            "Build a FAISS inner-product index (cosine similarity on L2-normalised features) from a features file and "
-            "save it as a directory with the gallery's paths, labels, feature settings and post-processing. "
-            "Searching it with features of another model, layer, pooling or image size is refused."
+            "Index gallery features (an .npz, or an embedding store folder read in chunks) for inner-product search "
+            "(cosine similarity on L2-normalised features) and save the index as a directory with the gallery's "
+            "paths, labels, feature settings and post-processing. --backend faiss (default) builds a FAISS index: "
+            "exact by default, any --factory, or, with --max_index_memory, the index autofaiss's rule chooses for "
+            "that budget, trained on a sample, filled chunk by chunk and tuned to --max_query_ms. --backend milvus "
+            "puts the gallery into a Milvus collection (Milvus Lite in a local file by default, or a Milvus server). "
+            "Searching either with features of another model, layer, pooling or image size is refused."
         ),
     )
-    build.add_argument("--features", required=True, help="gallery features (.npz from `vitp features`)")
+    build.add_argument("--features", required=True, help="gallery features: .npz or embedding store from `vitp features`")
     build.add_argument("--output", required=True, help="index directory to write")
     _add_gallery_postprocessing_flags(build)
+    build.add_argument("--max_index_memory", type=_memory_size, metavar="SIZE",
+                       help="FAISS: choose the index that fits in SIZE (4GB, 512MB, ...; powers of 1024), as autofaiss "
+                            "does: Flat, HNSW, IVF,Flat or OPQ,IVF,PQ; recall@10 against exact search is reported")
+    build.add_argument("--max_query_ms", type=float,
+                       help="FAISS: tune nprobe / efSearch to the largest value whose search takes at most this many "
+                            "milliseconds per query (default with --max_index_memory: 10)")
+    build.add_argument("--backend", choices=BACKENDS, default="faiss", help="vector engine (default: %(default)s)")
+    build.add_argument("--milvus_uri",
+                       help="Milvus: a local .db file (Milvus Lite, embedded; default OUTPUT/milvus.db) or a server, "
+                            "http://host:19530 (token, if any, from the MILVUS_TOKEN environment variable)")
+    build.add_argument("--milvus_collection", help="Milvus: collection name (default: vitp_ + the output's name)")
+    build.add_argument("--milvus_index", default="FLAT",
+                       help="Milvus: index type, FLAT (exact, default), IVF_FLAT, IVF_SQ8, IVF_PQ, HNSW, DISKANN, AUTOINDEX")
+    build.add_argument("--milvus_index_params", type=_json_object, default={}, metavar="JSON",
+                       help='Milvus: index parameters, e.g. \'{"nlist": 1024}\' or \'{"M": 16, "efConstruction": 200}\'')
     _add_search_parameter_flags(build)
     build.add_argument("--no_progress", action="store_true", help="no progress bar")
     build.set_defaults(handler=_run_index_build)
@@ -195,22 +228,88 @@ def _register_index(subparsers: argparse._SubParsersAction) -> None:
     info.set_defaults(handler=_run_index_info)
 
 
+def _memory_size(text: str) -> int:
+    from vitp.retrieval.backends.autoindex import parse_memory
+
+    try:
+        size = parse_memory(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be more than 0 bytes")
+    return size
+
+
+def _json_object(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object, e.g. '{\"nlist\": 1024}'")
+    return value
+
+
 def _run_index_build(args: argparse.Namespace) -> int:
-    from vitp.retrieval.feature_file import load_features
+    from vitp.errors import VitpError
+    from vitp.retrieval.embedding_store import load_feature_set, open_gallery
     from vitp.retrieval.index import RetrievalIndex, check_index_output
 
     check_index_output(args.output)  # before the (possibly long) build
     search_parameters = _search_parameters(args)
-    gallery = load_features(args.features)
-    index = RetrievalIndex.build(
-        gallery, args.factory, pca_dimensions=args.pca, whiten=args.whiten,
-        pca_fit=load_features(args.pca_fit) if args.pca_fit else None, dba_k=args.dba, dba_alpha=args.dba_alpha,
-        search_parameters=search_parameters, faiss_device=args.faiss_device, progress_bar=_progress(args),
-    )
+    if args.max_query_ms is not None and args.max_query_ms <= 0:
+        raise VitpError(f"--max_query_ms {args.max_query_ms}: must be > 0")
+    if args.max_index_memory is not None and args.factory != "Flat":
+        raise VitpError("--max_index_memory chooses the index type itself: leave out --factory")
+    gallery = open_gallery(args.features)
+    options = dict(search_parameters=search_parameters, progress_bar=_progress(args))
+    if args.backend == "milvus":
+        from vitp.retrieval.backends.milvus import default_collection_name
+        from vitp.retrieval.index import MILVUS_LITE_FILE
+
+        faiss_only = [flag for flag, value in (("--factory", args.factory != "Flat"), ("--pca", args.pca is not None),
+                                               ("--whiten", args.whiten), ("--dba", args.dba), ("--pca_fit", args.pca_fit),
+                                               ("--max_index_memory", args.max_index_memory),
+                                               ("--max_query_ms", args.max_query_ms)) if value]
+        if faiss_only:
+            raise VitpError(f"{', '.join(faiss_only)}: FAISS only; a Milvus collection holds the features as they are "
+                            f"(choose its index with --milvus_index)")
+        uri = args.milvus_uri or str(Path(args.output) / MILVUS_LITE_FILE)
+        index = RetrievalIndex.build(
+            gallery, backend="milvus", uri=uri, collection=args.milvus_collection or default_collection_name(args.output),
+            index_type=args.milvus_index, index_params=args.milvus_index_params, **options,
+        )
+    else:
+        if args.milvus_uri or args.milvus_collection or args.milvus_index != "FLAT" or args.milvus_index_params:
+            raise VitpError("--milvus_* flags need --backend milvus")
+        index = RetrievalIndex.build(
+            gallery, args.factory, pca_dimensions=args.pca, whiten=args.whiten,
+            pca_fit=load_feature_set(args.pca_fit) if args.pca_fit else None, dba_k=args.dba, dba_alpha=args.dba_alpha,
+            faiss_device=args.faiss_device, max_index_memory=args.max_index_memory, max_query_ms=args.max_query_ms,
+            measure_recall=args.factory != "Flat", **options,
+        )
     path = index.save(args.output)
     print(f"built {index.describe()}")
-    print(f"saved {path}" + (" (with exact vectors for re-ranking)" if index.meta["stores_vectors"] else ""))
+    for line in _tuning_lines(index.meta.get("tuning")):
+        print(line)
+    extra = " (with exact vectors for re-ranking)" if index.meta.get("stores_vectors") else ""
+    print(f"saved {path}{extra}")
     return 0
+
+
+def _tuning_lines(tuning: dict | None) -> list[str]:
+    if not tuning:
+        return []
+    lines = []
+    if "tuned" in tuning:
+        lines.append(f"tuned {tuning['tuned']} to a query time under {tuning['max_query_ms']:g} ms")
+    recall = next(((key, value) for key, value in tuning.items() if key.startswith("recall_at_")), None)
+    if recall:
+        lines.append(f"recall@{recall[0].rsplit('_', 1)[1]} against exact search: {recall[1]:.4f} "
+                     f"({tuning['held_out_queries']} held-out gallery vectors as queries; {tuning['ms_per_query']:.3f} ms per query)")
+    return lines
 
 
 def _run_index_info(args: argparse.Namespace) -> int:
@@ -223,6 +322,8 @@ def _run_index_info(args: argparse.Namespace) -> int:
     print(index.describe())
     print(f"classes: {len(set(map(str, index.labels)))}, images: {len(index)}")
     print(f"features: {index.meta['features_file']}")
+    for line in _tuning_lines(index.meta.get("tuning")):
+        print(line)
     keys = ("vit_checkpoint", "model_fingerprint", "layer", "pool", "image_size", "dtype")
     print(json.dumps({key: settings.get(key) for key in keys}, indent=2))
     return 0
@@ -242,10 +343,10 @@ def _register_search(subparsers: argparse._SubParsersAction) -> None:
             "(.json or .csv, repeatable) and draw them with --contact_sheet."
         ),
     )
-    parser.add_argument("--index", required=True, help="index directory from `vitp index build`")
+    parser.add_argument("--index", required=True, help="index directory from `vitp index build` (FAISS or Milvus)")
     queries = parser.add_mutually_exclusive_group(required=True)
     queries.add_argument("--image", help="query image file or folder")
-    queries.add_argument("--query_features", help="query features (.npz) instead of images")
+    queries.add_argument("--query_features", help="query features (.npz or embedding store) instead of images")
     parser.add_argument("-k", "--top_k", type=int, default=5, dest="k", help="results per query (default: %(default)s)")
     _add_query_expansion_flags(parser)
     _add_search_parameter_flags(parser)
@@ -261,7 +362,7 @@ def _register_search(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_search(args: argparse.Namespace) -> int:
-    from vitp.retrieval.feature_file import load_features
+    from vitp.retrieval.embedding_store import load_feature_set
     from vitp.retrieval.index import RetrievalIndex
     from vitp.retrieval.pictures import picture_format
     from vitp.retrieval.search import SearchError, check_show, embed_queries, output_format, search_index
@@ -288,7 +389,7 @@ def _run_search(args: argparse.Namespace) -> int:
             raise SearchError(f"--image {args.image}: no query image could be read: "
                               + "; ".join(f"{p}: {r}" for p, r in skipped[:3]))
     else:
-        queries = load_features(args.query_features)
+        queries = load_feature_set(args.query_features)
     results = search_index(index, queries, args.k, qe_k=args.qe, qe_alpha=args.qe_alpha,
                            search_parameters=search_parameters, skipped=skipped)
     print("\n".join(results.lines(args.show, written=bool(args.output))))
@@ -335,8 +436,8 @@ def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
+    from vitp.retrieval.embedding_store import load_feature_set, open_gallery
     from vitp.retrieval.evaluate import evaluate_retrieval
-    from vitp.retrieval.feature_file import load_features
     from vitp.retrieval.index import RetrievalIndex
     from vitp.retrieval.pictures import picture_format, write_class_chart
     from vitp.tensor_io import check_output_path, write_json
@@ -347,12 +448,12 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if args.plot:
         check_output_path(args.plot, "--plot")
         picture_format(args.plot, "--plot")
-    queries = load_features(args.query_features) if args.query_features else None
-    gallery = load_features(args.gallery_features) if args.gallery_features else None
+    queries = load_feature_set(args.query_features) if args.query_features else None
+    gallery = open_gallery(args.gallery_features) if args.gallery_features else None
     index = RetrievalIndex.load(args.index, faiss_device=args.faiss_device) if args.index else None
     report = evaluate_retrieval(
         queries, gallery, index=index, top_k=args.top_k, leave_one_out=args.leave_one_out, factory=args.factory,
-        pca_dimensions=args.pca, whiten=args.whiten, pca_fit=load_features(args.pca_fit) if args.pca_fit else None,
+        pca_dimensions=args.pca, whiten=args.whiten, pca_fit=load_feature_set(args.pca_fit) if args.pca_fit else None,
         dba_k=args.dba, dba_alpha=args.dba_alpha, qe_k=args.qe, qe_alpha=args.qe_alpha,
         search_parameters=search_parameters, full_map=not args.no_full_map, faiss_device=args.faiss_device,
         progress_bar=_progress(args),

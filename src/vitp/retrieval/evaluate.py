@@ -201,7 +201,7 @@ def evaluate_retrieval(
             raise EvaluationError("give --query_features (or --leave_one_out with the gallery's features as queries)")
         if not leave_one_out:
             raise EvaluationError("without --query_features, the gallery is the query set: pass --leave_one_out")
-        queries = gallery
+        queries = gallery if isinstance(gallery, FeatureSet) else gallery.load()  # an embedding store: every query in memory
     index.check_queries(queries.settings, queries.dimension, f"query features {queries.source}")
 
     exclude = self_ids_by_path(queries.image_paths, index.image_paths)

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePath
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -37,8 +39,8 @@ FEATURES_FORMAT = "vitp-features"
 COMPATIBILITY_KEYS = ("model_fingerprint", "layer", "pool", "image_size")
 # Norms further than this from 1 mean the features were not L2-normalised.
 _NORM_TOLERANCE = 1e-3
-# Rows whose norms are computed at a time (in float64).
-_NORM_CHUNK_ROWS = 65536
+# Bytes of float64 rows whose norms are computed at a time.
+_NORM_CHUNK_BYTES = 8 * 2**20
 
 
 class FeatureFileError(VitpError):
@@ -76,6 +78,17 @@ class FeatureSet:
     def dimension(self) -> int:
         return int(self.features.shape[1])
 
+    # The reading interface shared with the embedding store (vitp.retrieval.embedding_store), so that an
+    # index is built the same way from features in memory and from shards on disk.
+
+    def chunks(self, rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, float32 [<= rows, D]) in order."""
+        for start in range(0, len(self), rows):
+            yield start, self.features[start : start + rows]
+
+    def take(self, ids: np.ndarray) -> np.ndarray:
+        return self.features[np.asarray(ids, dtype=np.int64)]
+
 
 def labels_from_paths(image_paths: np.ndarray) -> np.ndarray:
     """The class of an image is the name of the folder it is in (as in the seed)."""
@@ -102,6 +115,18 @@ def write_npz(arrays: dict[str, np.ndarray], path: Path) -> None:
             info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             with archive.open(info, "w", force_zip64=True) as member:
                 np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+
+
+def replace_directory(new: Path, target: Path) -> None:
+    """Put the folder ``new`` at ``target``; an existing ``target`` is moved aside first and removed after
+    (a reader sees the old folder or the new one, never a mix)."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_features(path: Path | str) -> FeatureSet:
@@ -143,19 +168,11 @@ def load_features(path: Path | str) -> FeatureSet:
         )
     if labels is not None and len(labels) != len(features):
         raise FeatureFileError(f"{path}: 'labels' has {len(labels)} entries but 'features' has {len(features)} rows")
-    _refuse_duplicate_paths(image_paths, path)
+    refuse_duplicate_paths(image_paths, path)
     if not np.issubdtype(features.dtype, np.floating):
         raise FeatureFileError(f"{path}: 'features' must be floating point, got {features.dtype}")
     if features.ndim != 2 or len(features) == 0:
         raise FeatureFileError(f"{path}: 'features' must be a non-empty [N, D] array, got shape {features.shape}")
-    features = np.ascontiguousarray(features, dtype=np.float32)
-    finite = np.isfinite(features).all(axis=1)
-    if not finite.all():
-        row = int(np.flatnonzero(~finite)[0])
-        raise FeatureFileError(
-            f"{path}: {int((~finite).sum())} feature rows hold NaN or inf (first: row {row}, "
-            f"{image_paths[row] if row < len(image_paths) else '?'})"
-        )
     if settings is None:
         logger.warning(
             "%s has no vitp settings (written by another tool?): cannot check that its features come from the "
@@ -163,11 +180,14 @@ def load_features(path: Path | str) -> FeatureSet:
         )
     if labels is None:
         labels = labels_from_paths(image_paths)
-    features = _normalised(features, path)
+    features, was_unit = check_vectors(features, lambda row: f"{path}: feature row {row}, {image_paths[row]}")
+    if not was_unit:
+        logger.warning("%s: features are not L2-normalised; normalising them so that inner product is cosine "
+                       "similarity", path)
     return FeatureSet(features, image_paths, labels, settings, source=str(path))
 
 
-def _refuse_duplicate_paths(image_paths: np.ndarray, path: Path) -> None:
+def refuse_duplicate_paths(image_paths: np.ndarray, path: Path) -> None:
     """An image listed twice finds its own copy: leave-one-out (which removes a query by its path)
     would then count it as a perfect match, and every metric would be inflated."""
     unique, counts = np.unique(image_paths, return_counts=True)
@@ -191,30 +211,32 @@ def _parse_settings(member: np.ndarray, path: Path) -> dict[str, Any]:
     return settings
 
 
-def _normalised(features: np.ndarray, path: Path) -> np.ndarray:
-    """Inner product is cosine similarity only on unit vectors; normalise features that are not."""
-    norms = _row_norms(features)
-    if not np.isfinite(norms).all():  # cannot happen in float64 for finite float32 rows; kept as a guard
-        row = int(np.flatnonzero(~np.isfinite(norms))[0])
-        raise FeatureFileError(f"{path}: feature row {row} has a norm too large to compute")
+def check_vectors(vectors: np.ndarray, describe_row) -> tuple[np.ndarray, bool]:
+    """Float32, finite, non-zero rows, L2-normalised (inner product is cosine similarity only on unit
+    vectors). Returns the vectors and whether they already were unit vectors; ``describe_row(i)``
+    names row ``i`` in error messages."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    finite = np.isfinite(vectors).all(axis=1)
+    if not finite.all():
+        row = int(np.flatnonzero(~finite)[0])
+        raise FeatureFileError(f"{int((~finite).sum())} feature rows hold NaN or inf (first: {describe_row(row)})")
+    norms = _row_norms(vectors)
     if np.any(norms == 0):
-        row = int(np.flatnonzero(norms == 0)[0])
-        raise FeatureFileError(f"{path}: feature row {row} is all zeros (cannot be normalised)")
-    if np.abs(norms - 1).max() > _NORM_TOLERANCE:
-        logger.warning(
-            "%s: features are not L2-normalised (norms %.3g to %.3g); normalising them so that inner product "
-            "is cosine similarity", path, norms.min(), norms.max()
-        )
-        features = (features / norms[:, None]).astype(np.float32)
-    return features
+        raise FeatureFileError(f"a feature row is all zeros and cannot be normalised: {describe_row(int(np.flatnonzero(norms == 0)[0]))}")
+    if np.abs(norms - 1).max() <= _NORM_TOLERANCE:
+        return vectors, True
+    if norms.max() < np.finfo(np.float32).max:
+        return vectors / norms[:, None].astype(np.float32), False  # no float64 copy of the vectors
+    return (vectors / norms[:, None]).astype(np.float32), False
 
 
 def _row_norms(features: np.ndarray) -> np.ndarray:
     """L2 norm of each row, summed in float64: in float32 the squares of values above ~1e19 overflow
     to inf, and dividing by inf would turn those rows into zeros. Chunked to bound the float64 copy."""
     norms = np.empty(len(features), dtype=np.float64)
-    for start in range(0, len(features), _NORM_CHUNK_ROWS):
-        chunk = features[start : start + _NORM_CHUNK_ROWS].astype(np.float64)
+    rows = max(1, _NORM_CHUNK_BYTES // (8 * max(features.shape[1], 1)))
+    for start in range(0, len(features), rows):
+        chunk = features[start : start + rows].astype(np.float64)
         norms[start : start + len(chunk)] = np.linalg.norm(chunk, axis=1)
     return norms
 

@@ -19,11 +19,12 @@ from typing import Any
 
 import numpy as np
 
+import vitp
 from vitp.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, iter_image_files
 from vitp.errors import VitpError
-from vitp.model.vision import VisionConfig
+from vitp.retrieval.extract.embedder import FeatureModel, load_feature_model
+from vitp.retrieval.extract.run import embed_files
 from vitp.retrieval.feature_file import FeatureSet
-from vitp.retrieval.features import FeatureModel, embed_files, load_feature_model
 from vitp.retrieval.index import RetrievalIndex, count_short_results
 from vitp.retrieval.pictures import SheetRow, write_contact_sheet
 from vitp.tensor_io import atomic_path
@@ -161,7 +162,7 @@ def load_index_model(
             f"the index's gallery was embedded with {settings['vit_checkpoint']}, which no longer exists; "
             f"pass its new location with --vit_checkpoint"
         )
-    config = VisionConfig.from_dict(settings["model_config"]) if settings.get("model_config") else None
+    config = vitp.VisionConfig.from_dict(settings["model_config"]) if settings.get("model_config") else None
     return load_feature_model(checkpoint, vit_config=config, device=device, dtype=dtype or settings.get("dtype", "auto"))
 
 

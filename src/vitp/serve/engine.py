@@ -25,7 +25,7 @@ from PIL import Image
 
 from vitp.data.images import DEFAULT_MAX_PIXELS, ImageError, build_transform, decode_image, load_image
 from vitp.errors import VitpError
-from vitp.retrieval.features import FeatureModel, embed_batch, extraction_settings
+from vitp.retrieval.extract.embedder import FeatureModel, embed_batch, extraction_settings
 from vitp.retrieval.index import RetrievalIndex
 
 # Pillow formats an upload may be in: those of the files `vitp features` indexes (.jpg .png .tif .bmp

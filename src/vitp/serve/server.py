@@ -8,8 +8,8 @@ from typing import Callable
 
 from vitp.errors import VitpError
 from vitp.retrieval.index import RetrievalIndex
-from vitp.serve.app import DEFAULT_MAX_K, DEFAULT_MAX_UPLOAD_BYTES, create_app
 from vitp.retrieval.search import load_index_model
+from vitp.serve.app import DEFAULT_MAX_K, DEFAULT_MAX_UPLOAD_BYTES, create_app
 from vitp.serve.engine import SearchEngine
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -28,7 +28,8 @@ def load_engine(
     faiss_device: str = "auto",
     max_pixels: int | None = None,
 ) -> SearchEngine:
-    """The index, and the ViT its gallery was embedded with (checked by fingerprint)."""
+    """The index (FAISS or Milvus: whichever its directory names), and the ViT its gallery was embedded
+    with (checked by fingerprint)."""
     index = RetrievalIndex.load(index_dir, faiss_device=faiss_device)
     feature_model = load_index_model(index, vit_checkpoint, device=device, dtype=dtype)
     return SearchEngine(index, feature_model, max_pixels=max_pixels)
