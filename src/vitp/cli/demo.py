@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from vitp.demo.ablation import ABLATIONS  # a light module: names only
+from vitp.demo.ablation import ABLATIONS  # light modules: names and dataclasses only
+from vitp.demo.settings import DEFAULT, QUICK
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,8 +19,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     demo.add_argument("--out", default="runs/demo", help="output folder (default: %(default)s)")
     demo.add_argument("--quick", action="store_true", help="a short run (1-3 minutes) that checks the pipeline")
-    demo.add_argument("--steps", type=int, metavar="N", help="pretraining steps (default: 1000; --quick: 150)")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the data split and the pretraining (default: 0)")
+    demo.add_argument("--steps", type=int, metavar="N", help=f"pretraining steps (default: {DEFAULT.max_steps}; --quick: {QUICK.max_steps})")
+    demo.add_argument("--seed", type=int, default=DEFAULT.seed,
+                      help="seed of the data split and the pretraining (default: %(default)s)")
     demo.add_argument("--seeds", type=int, default=1, metavar="N",
                       help="pretrain N times with seeds seed, seed+1, ... and report mean ± std of every metric")
     demo.add_argument("--ablation", choices=ABLATIONS,
@@ -35,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from vitp.demo.run import DEFAULT, QUICK, DemoError, run_demo
+    from vitp.demo.run import DemoError, run_demo
 
     for flag, value, least in (("--steps", args.steps, 1), ("--seeds", args.seeds, 1), ("--eval_every", args.eval_every, 1)):
         if value is not None and value < least:

@@ -104,8 +104,10 @@ def metrics_figure(methods: list[MethodResult], path: Path) -> Path:
         axis.set_title(label)
         axis.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("score on held-out query tiles (95 % interval)")
-    axes[1].legend(loc="lower right", fontsize=8)
-    return save_figure(figure, path)
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=len(methods), fontsize=8, frameon=False)
+    figure.tight_layout(rect=(0, 0.07, 1, 1))  # room for the legend below the panels
+    return save_figure(figure, path, layout=False)
 
 
 def examples_figure(result: MethodResult, path: Path, per_class: int = 2, k: int = 5) -> Path:
@@ -135,6 +137,7 @@ def steps_figure(steps: list[StepResult], histogram: MethodResult, random: Metho
         for baseline, style in ((histogram, "--"), (random, ":")):
             axis.axhline(getattr(baseline.report.intervals, average)["mAP"].value, linestyle=style, color="grey",
                          label=baseline.title)
+        axis.set_xticks(x)
         axis.set_xlabel("pretraining step")
         axis.set_title(f"{label} mAP")
         axis.grid(alpha=0.3)
@@ -172,8 +175,9 @@ def ablation_figure(ablation: str, variants: list[VariantResult], path: Path) ->
     return save_figure(figure, path)
 
 
-def save_figure(figure, path: Path) -> Path:
-    figure.tight_layout()
+def save_figure(figure, path: Path, layout: bool = True) -> Path:
+    if layout:
+        figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
     return path

@@ -42,6 +42,7 @@ from vitp.demo.evidence import (
 )
 from vitp.demo.report import console_lines, write_report
 from vitp.demo.scene import balance, load_sentinel2, split_tiles, write_tiles
+from vitp.demo.settings import DEFAULT, QUICK, DemoSettings
 from vitp.errors import VitpError
 from vitp.model.checkpoint import build_vlm, save_vlm
 from vitp.retrieval.evaluate import evaluate_retrieval
@@ -53,29 +54,6 @@ from vitp.train.pretrain import PretrainConfig, pretrain
 
 SYSTEM_MESSAGE = "Answer briefly."  # short: the tiny model reads it in front of every sample
 TITLES = {"vitp": "ViTP (pretrained ViT)", "random": "same ViT, random init", "histogram": "RGB colour histogram"}
-
-
-@dataclass(frozen=True)
-class DemoSettings:
-    tile_size: int = 32  # pixels at 10 m: 320 m tiles
-    block_tiles: int = 8  # checkerboard blocks of 8 x 8 tiles (2.56 km)
-    pretrain_stride: int = 16  # extra pretraining tiles overlapping by half, inside gallery blocks only
-    largest_class_ratio: float = 2.0  # cap on the largest class (water), relative to the second largest
-    max_steps: int = 2000
-    batch_size: int = 16
-    learning_rate: float = 5e-4
-    warmup_ratio: float = 0.05
-    tmaug_prob: float | None = 0.75  # upstream's --TMAug_prob: drop 75 % of the image tokens of 25 % of samples
-    drop_path_rate: float = 0.1
-    vocab_size: int = 400
-    seed: int = 0  # data split and the first (or only) pretraining
-
-    def data_key(self) -> dict:
-        return {k: getattr(self, k) for k in ("tile_size", "block_tiles", "pretrain_stride", "largest_class_ratio", "seed")}
-
-
-DEFAULT = DemoSettings()
-QUICK = dataclasses.replace(DEFAULT, pretrain_stride=32, max_steps=150)
 
 
 class DemoError(VitpError):
