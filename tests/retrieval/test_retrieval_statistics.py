@@ -204,3 +204,9 @@ def test_load_query_results_reports_damaged_files(tmp_path):
             (tmp_path / name).write_text(text)
         with pytest.raises(ComparisonError, match=message):
             load_query_results(tmp_path / name)
+
+
+def test_an_interval_bound_that_is_not_zero_never_prints_as_zero():
+    assert statistics.Interval(0.03, 0.0003, 0.064).format(3, signed=True) == "+0.030 [+0.0003, +0.064]"
+    assert statistics.Interval(0.0, 0.0, 0.5).format(3) == "0.000 [0.000, 0.500]"
+    assert statistics.Interval(-0.2, -0.25, -0.15).format(2) == "-0.20 [-0.25, -0.15]"

