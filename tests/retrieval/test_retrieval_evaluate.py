@@ -137,3 +137,100 @@ def test_zero_pca_dimensions_are_refused_not_taken_as_no_pca():
     index = RetrievalIndex.build(gallery, progress_bar=False)
     with pytest.raises(EvaluationError, match="set when it is built"):
         evaluate_retrieval(queries, index=index, pca_dimensions=0, progress_bar=False)
+
+
+def unbalanced_case():
+    """Three class-a queries (two hits at rank 1) and one class-b query (a miss at rank 1)."""
+    angles = np.deg2rad([0, 10, 90, 100])
+    gallery = feature_set(np.stack([np.cos(angles), np.sin(angles)], 1), ["a", "a", "b", "b"])
+    q_angles = np.deg2rad([2, 8, 80, 30])  # a (hit), a (hit), a (miss: nearest is 90, b), b (miss: nearest is 10, a)
+    queries = feature_set(np.stack([np.cos(q_angles), np.sin(q_angles)], 1), ["a", "a", "a", "b"], prefix="q")
+    return queries, gallery
+
+
+def test_class_balanced_metrics_are_the_mean_of_the_per_class_values():
+    queries, gallery = unbalanced_case()
+    report = evaluate_retrieval(queries, gallery, top_k=[1], progress_bar=False)
+    assert report.accuracy[1] == pytest.approx(2 / 4)
+    assert report.class_balanced["Top-1"] == pytest.approx((2 / 3 + 0 / 1) / 2)
+    per_class_map = {row["class"]: row["map"] for row in report.per_class}
+    assert report.class_balanced["mAP"] == pytest.approx((per_class_map["a"] + per_class_map["b"]) / 2)
+    assert any(line.startswith("class-balanced (mean over 2 classes): Top-1: 0.3333") for line in report.summary_lines())
+    data = report.to_dict()
+    assert data["class_balanced"]["Top-1"] == pytest.approx(1 / 3) and data["bootstrap"] is None
+    # per-query values, in query order, for pairing two evaluations later
+    assert data["per_query"]["image_paths"] == queries.image_paths.tolist()
+    assert data["per_query"]["metrics"]["Top-1"] == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_without_full_map_the_per_query_ap_is_ap_at_the_largest_k():
+    queries, gallery = unbalanced_case()
+    report = evaluate_retrieval(queries, gallery, top_k=[1, 2], full_map=False, progress_bar=False)
+    assert set(report.per_query.metrics) == {"Top-1", "Top-2", "mAP@2"}
+    assert report.per_query.metrics["mAP@2"].mean() == pytest.approx(report.map_at_k[2])
+
+
+def test_bootstrap_intervals_in_the_report():
+    queries, gallery = unbalanced_case()
+    report = evaluate_retrieval(queries, gallery, top_k=[1], progress_bar=False, bootstrap_resamples=300, seed=1)
+    intervals = report.intervals
+    assert intervals.resamples == 300 and intervals.seed == 1
+    assert intervals.micro["Top-1"].value == pytest.approx(report.accuracy[1])
+    assert intervals.class_balanced["mAP"].value == pytest.approx(report.class_balanced["mAP"])
+    assert intervals.micro["Top-1"].low <= report.accuracy[1] <= intervals.micro["Top-1"].high
+    lines = report.summary_lines()
+    assert any(line.startswith("95% intervals: percentile bootstrap over queries, 300 resamples, seed 1") for line in lines)
+    assert any(line.startswith("Top-1") and "[" in line for line in lines)
+    assert "mAP 95% interval" in report.class_table_lines()[0]
+    assert json.loads(json.dumps(report.to_dict()))["bootstrap"]["class_balanced"]["Top-1"]["value"] == pytest.approx(1 / 3)
+
+
+def write_features(tmp_path, sets):
+    from vitp.retrieval.feature_file import save_features
+
+    paths = {}
+    for name, feature_set_ in sets.items():
+        paths[name] = str(save_features(feature_set_, tmp_path / f"{name}.npz"))
+    return paths
+
+
+def test_cli_bootstrap_and_compare(tmp_path, capsys):
+    from vitp.cli import main
+
+    queries, gallery = unbalanced_case()
+    # A second "method": other gallery vectors for the same images, so that every query hits.
+    angles = np.deg2rad([0, 10, 90, 100])
+    better_gallery = feature_set(np.stack([np.cos(angles), np.sin(angles)], 1), ["a", "a", "b", "b"])
+    q_angles = np.deg2rad([2, 8, 12, 95])
+    better_queries = feature_set(np.stack([np.cos(q_angles), np.sin(q_angles)], 1), ["a", "a", "a", "b"], prefix="q")
+    files = write_features(tmp_path, {"g": gallery, "q": queries, "g2": better_gallery, "q2": better_queries})
+    assert main(["evaluate", "--query_features", files["q"], "--gallery_features", files["g"], "--bootstrap", "200",
+                 "--seed", "3", "--output", str(tmp_path / "plain.json"), "--no_progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "class-balanced (mean over 2 classes)" in printed and "200 resamples, seed 3" in printed
+    assert main(["evaluate", "--query_features", files["q2"], "--gallery_features", files["g2"],
+                 "--output", str(tmp_path / "better.json"), "--no_progress"]) == 0
+    capsys.readouterr()
+
+    assert main(["evaluate", "--compare", str(tmp_path / "better.json"), str(tmp_path / "plain.json"),
+                 "--bootstrap", "300", "--output", str(tmp_path / "compare.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "paired bootstrap: better - plain on 4 shared queries, 300 resamples, seed 0" in printed
+    written = json.loads((tmp_path / "compare.json").read_text())
+    assert written["values_a"]["micro"]["Top-1"] == 1.0 and written["values_b"]["micro"]["Top-1"] == 0.5
+    assert written["differences"]["micro"]["Top-1"]["value"] == pytest.approx(0.5)
+    assert written["verdicts"]["micro"]["Top-1"] in ("ahead", "no measurable difference")
+
+    # A comparison of other query sets is refused; so are evaluation inputs next to --compare.
+    assert main(["evaluate", "--query_features", files["g"], "--gallery_features", files["g"], "--leave_one_out",
+                 "--output", str(tmp_path / "other.json"), "--no_progress"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--compare", str(tmp_path / "plain.json"), str(tmp_path / "other.json")]) == 2
+    assert "did not evaluate the same queries" in capsys.readouterr().err
+    assert main(["evaluate", "--compare", str(tmp_path / "plain.json"), str(tmp_path / "better.json"),
+                 "--gallery_features", files["g"]]) == 2
+    assert "--gallery_features cannot be used with it" in capsys.readouterr().err
+    assert main(["evaluate", "--query_features", files["q"], "--gallery_features", files["g"], "--bootstrap", "0"]) == 2
+    assert "--bootstrap must be a number of resamples >= 1" in capsys.readouterr().err
+    assert main(["evaluate", "--query_features", files["q"]]) == 2
+    assert "give the gallery as --gallery_features or --index" in capsys.readouterr().err

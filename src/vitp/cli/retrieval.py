@@ -406,20 +406,28 @@ def _run_search(args: argparse.Namespace) -> int:
 # vitp evaluate
 
 
+COMPARE_RESAMPLES = 1000  # bootstrap resamples of --compare when --bootstrap is not given
+
+
 def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "evaluate",
-        help="Top-K accuracy, precision@K and mAP of query features against a gallery",
+        help="Top-K accuracy, precision@K and mAP of query features against a gallery; compare two evaluations",
         description=(
             "Search every query in the gallery and report the seed's Top-K accuracy lines (a hit if any of the top K "
-            "shares the query's class), precision@K, mAP@K, full-ranking mAP and a per-class table. Queries whose class "
-            "has no image in the gallery are listed and left out of the metrics."
+            "shares the query's class), precision@K, mAP@K, full-ranking mAP, their class-balanced form (the mean over "
+            "classes of each class's value) and a per-class table. Queries whose class has no image in the gallery are "
+            "listed and left out of the metrics. --bootstrap N adds 95%% intervals (percentile bootstrap over queries; "
+            "class-balanced and per class: resampled within each class). --compare A.json B.json reads two --output "
+            "files of the same queries and gives paired-bootstrap intervals of A - B."
         ),
     )
     parser.add_argument("--query_features", help="query features (.npz); omit with --leave_one_out to use the gallery")
-    gallery = parser.add_mutually_exclusive_group(required=True)
+    gallery = parser.add_mutually_exclusive_group()
     gallery.add_argument("--gallery_features", help="gallery features (.npz)")
     gallery.add_argument("--index", help="a built index instead of gallery features")
+    parser.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
+                        help="instead of evaluating: paired differences A - B of two --output files of the same queries")
     parser.add_argument("--top_k", type=int, nargs="+", default=[1, 3, 5], help="K values (default: 1 3 5)")
     parser.add_argument("--leave_one_out", action="store_true",
                         help="queries are (part of) the gallery: each query's own image is removed from its results")
@@ -428,8 +436,13 @@ def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
     _add_search_parameter_flags(parser)
     parser.add_argument("--no_full_map", action="store_true",
                         help="skip mAP over the full gallery ranking (the costly part on huge galleries)")
+    parser.add_argument("--bootstrap", type=int, metavar="N",
+                        help=f"95%% intervals from N bootstrap resamples of the queries (with --compare default: "
+                             f"{COMPARE_RESAMPLES}; 1000 is usual)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resamples (default: %(default)s)")
     parser.add_argument("--no_per_class", action="store_true", help="do not print the per-class table")
-    parser.add_argument("--output", metavar="JSON", help="write all results (per class included) as JSON")
+    parser.add_argument("--output", metavar="JSON",
+                        help="write all results (per class and per query included) as JSON")
     parser.add_argument("--plot", metavar="PNG", help="draw per-class Top-1 accuracy as a bar chart")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=_run_evaluate)
@@ -437,11 +450,17 @@ def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     from vitp.retrieval.embedding_store import load_feature_set, open_gallery
-    from vitp.retrieval.evaluate import evaluate_retrieval
+    from vitp.retrieval.evaluate import EvaluationError, evaluate_retrieval
     from vitp.retrieval.index import RetrievalIndex
     from vitp.retrieval.pictures import picture_format, write_class_chart
     from vitp.tensor_io import check_output_path, write_json
 
+    if args.bootstrap is not None and args.bootstrap < 1:
+        raise EvaluationError(f"--bootstrap must be a number of resamples >= 1, got {args.bootstrap}")
+    if args.compare:
+        return _run_compare(args)
+    if not (args.gallery_features or args.index):
+        raise EvaluationError("give the gallery as --gallery_features or --index (or compare two evaluations with --compare)")
     search_parameters = _search_parameters(args)  # refused before the evaluation, not after it
     if args.output:
         check_output_path(args.output)
@@ -456,7 +475,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         pca_dimensions=args.pca, whiten=args.whiten, pca_fit=load_feature_set(args.pca_fit) if args.pca_fit else None,
         dba_k=args.dba, dba_alpha=args.dba_alpha, qe_k=args.qe, qe_alpha=args.qe_alpha,
         search_parameters=search_parameters, full_map=not args.no_full_map, faiss_device=args.faiss_device,
-        progress_bar=_progress(args),
+        progress_bar=_progress(args), bootstrap_resamples=args.bootstrap or 0, seed=args.seed,
     )
     print("\n".join(report.summary_lines()))
     if not args.no_per_class:
@@ -469,4 +488,27 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         k = report.top_k[0]
         path = write_class_chart(report.per_class, f"top_k.top{k}", f"Top-{k} accuracy per class", Path(args.plot))
         print(f"wrote {path}")
+    return 0
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    """`vitp evaluate --compare A.json B.json`: paired-bootstrap differences of two evaluations."""
+    from vitp.retrieval.evaluate import EvaluationError
+    from vitp.retrieval.statistics import compare, load_query_results
+    from vitp.tensor_io import check_output_path, write_json
+
+    given = [flag for flag, value in (("--query_features", args.query_features), ("--gallery_features", args.gallery_features),
+                                      ("--index", args.index), ("--plot", args.plot)) if value]
+    if given:
+        raise EvaluationError(f"--compare reads two finished evaluations; {', '.join(given)} cannot be used with it")
+    if args.output:
+        check_output_path(args.output)
+    path_a, path_b = (Path(p) for p in args.compare)
+    name_a, name_b = (path_a.stem, path_b.stem) if path_a.stem != path_b.stem else (str(path_a), str(path_b))
+    comparison = compare(load_query_results(path_a), load_query_results(path_b), args.bootstrap or COMPARE_RESAMPLES,
+                         args.seed, name_a, name_b)
+    print("\n".join(comparison.lines()))
+    if args.output:
+        write_json(comparison.to_dict(), Path(args.output))
+        print(f"wrote {args.output}")
     return 0

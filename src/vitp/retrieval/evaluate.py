@@ -1,5 +1,7 @@
 """``vitp evaluate``: Top-K accuracy (the seed's lines), precision@K, mAP@K, full-ranking mAP and a
-per-class table, for query features against a gallery (features or a built index).
+per-class table, for query features against a gallery (features or a built index); each Top-K and
+mAP also class-balanced (the mean over classes), with bootstrap intervals if asked
+(:mod:`vitp.retrieval.statistics`), and per-query values so that two evaluations can be compared.
 
 The gallery goes into a FAISS index (exact inner product unless ``factory`` says otherwise, with
 PCA / whitening / DBA if asked), queries are searched in chunks, optional query expansion searches
@@ -25,6 +27,7 @@ from vitp.errors import VitpError
 from vitp.retrieval import metrics
 from vitp.retrieval.feature_file import FeatureSet
 from vitp.retrieval.index import RetrievalIndex, check_query_expansion, count_short_results
+from vitp.retrieval.statistics import Bootstrap, QueryResults, bootstrap, class_balanced_mean
 
 logger = logging.getLogger("vitp")
 
@@ -55,6 +58,22 @@ class EvaluationReport:
     query_expansion: dict[str, Any] | None
     self_matches: int = 0  # queries that are also in the gallery, without --leave_one_out
     notes: list[str] = field(default_factory=list)
+    per_query: QueryResults | None = None  # Top-K hits and AP of each evaluated query
+    intervals: Bootstrap | None = None  # bootstrap intervals, when asked for
+
+    @property
+    def class_balanced(self) -> dict[str, float]:
+        """Each per-query metric (Top-K, mAP) as the mean over classes of the per-class mean."""
+        if self.per_query is None:
+            return {}
+        return {name: class_balanced_mean(values, self.per_query.classes) for name, values in self.per_query.metrics.items()}
+
+    def add_intervals(self, resamples: int, seed: int = 0) -> Bootstrap:
+        """Bootstrap intervals of the micro, class-balanced and per-class metrics."""
+        if self.per_query is None:
+            raise ValueError("this report has no per-query results to resample")
+        self.intervals = bootstrap(self.per_query, resamples, seed)
+        return self.intervals
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -74,6 +93,9 @@ class EvaluationReport:
             "query_expansion": self.query_expansion,
             "queries_also_in_gallery": self.self_matches,
             "warnings": self.notes,
+            "class_balanced": self.class_balanced,
+            "bootstrap": self.intervals.to_dict() if self.intervals else None,
+            "per_query": self.per_query.to_dict() if self.per_query else None,
         }
 
     def summary_lines(self) -> list[str]:
@@ -93,6 +115,11 @@ class EvaluationReport:
         lines.append("  ".join(f"mAP@{k}: {self.map_at_k[k]:.4f}" for k in self.top_k))
         if self.mean_average_precision is not None:
             lines.append(f"mAP: {self.mean_average_precision:.4f} (full ranking of the gallery)")
+        if self.per_query is not None:
+            classes = len(set(self.per_query.classes))
+            lines.append(f"class-balanced (mean over {classes} classes): "
+                         + "  ".join(f"{name}: {value:.4f}" for name, value in self.class_balanced.items()))
+        lines += self.interval_lines()
         if self.excluded:
             shown = ", ".join(f"{name} ({count})" for name, count in sorted(self.excluded.items())[:10])
             more = f", ... ({len(self.excluded) - 10} more classes)" if len(self.excluded) > 10 else ""
@@ -108,6 +135,21 @@ class EvaluationReport:
         lines.extend(self.notes)
         return lines
 
+    def interval_lines(self) -> list[str]:
+        """A table of micro and class-balanced values with their bootstrap intervals."""
+        if self.intervals is None:
+            return []
+        b = self.intervals
+        width = max(6, *(len(name) for name in b.micro))
+        lines = [
+            f"{b.confidence:.0%} intervals: percentile bootstrap over queries, {b.resamples} resamples, seed {b.seed} "
+            "(class-balanced: queries resampled within each class)",
+            f"{'metric':<{width}}  {'micro':<26}  class-balanced",
+        ]
+        for name in b.micro:
+            lines.append(f"{name:<{width}}  {b.micro[name].format(4):<26}  {b.class_balanced[name].format(4)}")
+        return lines
+
     def class_table_lines(self) -> list[str]:
         if not self.per_class:
             return []
@@ -116,12 +158,22 @@ class EvaluationReport:
         header = f"{'class':<{width}}  {'queries':>7}  " + "  ".join(f"{'Top-' + str(k):>6}" for k in ks)
         map_label = "mAP" if self.mean_average_precision is not None else f"mAP@{ks[-1]}"
         header += f"  {'P@' + str(ks[-1]):>6}  {map_label:>6}"
+        if self.intervals is not None:
+            header += f"  {map_label + ' ' + format(self.intervals.confidence, '.0%') + ' interval':>20}"
         lines = [header, "-" * len(header)]
         for row in self.per_class:
             line = f"{row['class']:<{width}}  {row['queries']:>7}  " + "  ".join(f"{row['top_k'][f'top{k}']:>6.3f}" for k in ks)
             line += f"  {row['precision'][f'P@{ks[-1]}']:>6.3f}  {row['map']:>6.3f}"
+            if self.intervals is not None:
+                interval = self.intervals.per_class[row["class"]][self.ap_metric]
+                line += f"  {f'[{interval.low:.3f}, {interval.high:.3f}]':>20}"
             lines.append(line)
         return lines
+
+    @property
+    def ap_metric(self) -> str:
+        """The name of the per-query AP metric: full-ranking mAP, else mAP@K for the largest K."""
+        return "mAP" if self.mean_average_precision is not None else f"mAP@{self.top_k[-1]}"
 
 
 def require_two_classes(labels: np.ndarray, name: str) -> None:
@@ -171,8 +223,11 @@ def evaluate_retrieval(
     full_map: bool = True,
     faiss_device: str = "auto",
     progress_bar: bool = True,
+    bootstrap_resamples: int = 0,
+    seed: int = 0,
 ) -> EvaluationReport:
-    """Search every query in the gallery and compute the metrics (see the module docstring)."""
+    """Search every query in the gallery and compute the metrics (see the module docstring);
+    ``bootstrap_resamples`` > 0 adds intervals (:func:`vitp.retrieval.statistics.bootstrap`, ``seed``)."""
     top_k = sorted(set(int(k) for k in top_k))
     if not top_k or top_k[0] < 1:
         raise EvaluationError(f"--top_k values must be >= 1, got {top_k}")
@@ -242,8 +297,13 @@ def evaluate_retrieval(
         ap = metrics.average_precision(
             final_queries, index.all_gallery_vectors(), q_classes, gallery_classes, q_relevant, chosen_exclude
         )
-    per_class = _per_class_rows(classes, q_classes, top_k, per_query, ap)
-    return EvaluationReport(
+    ap_values = ap if ap is not None else per_query["ap_at"][top_k[-1]]
+    per_class = _per_class_rows(classes, q_classes, top_k, per_query, ap_values)
+    query_results = QueryResults(
+        queries.image_paths[selected], classes[q_classes],
+        {**{f"Top-{k}": per_query["top"][k] for k in top_k}, ("mAP" if ap is not None else f"mAP@{top_k[-1]}"): ap_values},
+    )
+    report = EvaluationReport(
         num_queries=len(queries),
         num_evaluated=len(selected),
         query_shape=tuple(queries.features.shape),
@@ -261,7 +321,11 @@ def evaluate_retrieval(
         query_expansion={"k": qe_k, "alpha": qe_alpha} if qe_k else None,
         self_matches=0 if leave_one_out else in_gallery,
         notes=notes,
+        per_query=query_results,
     )
+    if bootstrap_resamples:
+        report.add_intervals(bootstrap_resamples, seed)
+    return report
 
 
 def _nothing_to_evaluate(
@@ -298,11 +362,10 @@ def _short_result_notes(ids: np.ndarray, expected: int, index: RetrievalIndex) -
 
 
 def _per_class_rows(
-    classes: np.ndarray, query_classes: np.ndarray, top_k: list[int], per_query: dict, ap: np.ndarray | None
+    classes: np.ndarray, query_classes: np.ndarray, top_k: list[int], per_query: dict, ap_values: np.ndarray
 ) -> list[dict[str, Any]]:
     """One row per class that has evaluated queries: counts, Top-K, P@K and mAP (full, else mAP@K)."""
     rows = []
-    ap_values = ap if ap is not None else per_query["ap_at"][top_k[-1]]
     for class_id in np.unique(query_classes):
         mask = query_classes == class_id
         rows.append({
