@@ -53,3 +53,15 @@ def tiny_qwen2_checkpoint(workspace):
         tokenizer = load_tokenizer(workspace / "tok")
         save_vlm(build_vlm("internvl-tiny", tokenizer), directory, tokenizer)
     return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_internlm2_checkpoint(workspace):
+    """An InternVL remote-code checkpoint with an InternLM2 LLM and its sentencepiece tokenizer (as
+    InternVL2-2B / InternVL2.5-2B), tiny."""
+    from vitp_testing import write_internlm2_internvl_checkpoint
+
+    directory = workspace / "InternVL-tiny-internlm2"
+    if not directory.is_dir():
+        write_internlm2_internvl_checkpoint(directory, template="internlm2-chat")
+    return directory

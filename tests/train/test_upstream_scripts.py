@@ -5,8 +5,8 @@ InternVL2-1B and InternVL2.5-1B, full and LoRA). The test reads the flags that f
 ``internvl/train/internvl_chat_finetune.py`` and changes only paths, sizes and what a CPU cannot do
 (bf16, DeepSpeed); the run must finish and its checkpoints must load in transformers.
 
-Another script is one more CASES entry: the InternLM2-based 2B scripts need only a tiny InternLM2
-checkpoint fixture (``tiny_internlm2_checkpoint``) once that model family loads.
+The 2B scripts run on a tiny InternLM2 checkpoint in InternLM2's remote-code layout, with its
+sentencepiece tokenizer (``use_fast_tokenizer False``, ``internlm2-chat`` or ``internvl2_5`` template).
 """
 
 import json
@@ -29,6 +29,10 @@ CASES = [
     ("internvl2_1b_qwen2_0_5b_dynamic_res_2nd_finetune_lora.sh", "tiny_qwen2_checkpoint"),
     ("internvl2_5_1b_dynamic_res_2nd_finetune_full.sh", "tiny_qwen2_checkpoint"),
     ("internvl2_5_1b_dynamic_res_2nd_finetune_lora.sh", "tiny_qwen2_checkpoint"),
+    ("internvl2_2b_internlm2_1_8b_dynamic_res_2nd_finetune_full.sh", "tiny_internlm2_checkpoint"),
+    ("internvl2_2b_internlm2_1_8b_dynamic_res_2nd_finetune_lora.sh", "tiny_internlm2_checkpoint"),
+    ("internvl2_5_2b_dynamic_res_2nd_finetune_full.sh", "tiny_internlm2_checkpoint"),
+    ("internvl2_5_2b_dynamic_res_2nd_finetune_lora.sh", "tiny_internlm2_checkpoint"),
 ]
 # sizes for a CPU and a data set of 6 samples (a checkpoint every 2 steps, so that one is written)
 SIZES = {"--max_steps": "2", "--save_steps": "2", "--force_image_size": "56", "--per_device_train_batch_size": "2",
