@@ -35,6 +35,10 @@ def configure_logging() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging()
+    if getattr(args, "no_progress", False):
+        from vitp import progress
+
+        progress.disable()
     try:
         return args.handler(args)
     except VitpError as err:
