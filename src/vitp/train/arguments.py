@@ -27,6 +27,7 @@ import transformers
 from vitp.data.templates import TEMPLATES
 from vitp.errors import ConfigError
 from vitp.model.tmaug import MODES, TMAugConfig
+from vitp.model.vlm import VLM_PRESETS
 
 
 def _help(text: str, **extra: Any) -> dict[str, Any]:
@@ -61,7 +62,7 @@ class ModelArguments:
     use_liger: bool = field(default=False, metadata=_help("Liger's fused kernels for the LLM (pip install 'vitp[liger]')"))
     # vitp's own
     model_preset: str | None = field(default=None, metadata=_help(
-        "train from scratch: internvl-tiny, internvl-small or internvl-demo (with --tokenizer)"))
+        "train from scratch, with --tokenizer: one of the presets listed", choices=sorted(VLM_PRESETS)))
     tokenizer: str | None = field(default=None, metadata=_help("tokenizer directory of a --model_preset model"))
 
     def __post_init__(self) -> None:
