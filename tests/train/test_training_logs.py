@@ -57,3 +57,10 @@ def test_a_refused_run_leaves_no_empty_output_folder(workspace, tmp_path, capsys
     code = pretrain_command(workspace, output, "--down_sample_ratio", "0.25")
     assert code == 2 and "down_sample_ratio" in capsys.readouterr().err
     assert not output.exists()
+
+
+def test_model_preset_choices_are_the_presets():
+    from vitp.model.vlm import VLM_PRESETS
+    from vitp.train.arguments import MODEL_PRESETS
+
+    assert MODEL_PRESETS == tuple(sorted(VLM_PRESETS))
