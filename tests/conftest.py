@@ -49,3 +49,13 @@ def bpe_tokenizer():
     tokenizer = train_tokenizer(CORPUS, vocab_size=300)
     prepare_tokenizer(tokenizer)
     return tokenizer
+
+
+@pytest.fixture(autouse=True)
+def _progress_enabled():
+    """`--no_progress` turns progress off for the rest of a process; tests run `main()` in one process."""
+    import vitp.progress
+
+    vitp.progress._enabled = True
+    yield
+    vitp.progress._enabled = True

@@ -14,6 +14,10 @@ CHECK_DESCRIPTION = (
 )
 
 
+NO_PROGRESS_HELP = ("no progress bar on a terminal, no progress lines in a captured log (without it: a bar on a "
+                    "terminal, a plain line every VITP_PROGRESS_SECONDS (30) seconds otherwise)")
+
+
 def check_parser():
     """HfArgumentParser over the training data flags plus the check's own (tokenizer, patch size)."""
     from dataclasses import dataclass, field
@@ -27,6 +31,7 @@ def check_parser():
         tokenizer: str | None = field(default=None, metadata={
             "help": "tokenizer directory: also count tokens and find samples that would be truncated"})
         patch_size: int = field(default=14, metadata={"help": "the ViT's patch size"})
+        no_progress: bool = field(default=False, metadata={"help": NO_PROGRESS_HELP})
 
     return HfArgumentParser((DataTrainingArguments, CheckArguments), prog="vitp data check", description=CHECK_DESCRIPTION,
                             exit_on_error=False)
@@ -83,6 +88,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--data_augment", action="store_true", help="set data_augment (JPEG re-encoding) in the meta")
     build.add_argument("--no_check_images", dest="check_images", action="store_false", help="do not decode every image")
+    build.add_argument("--no_progress", action="store_true", help=NO_PROGRESS_HELP)
     build.set_defaults(handler=_run_build)
 
     tokenizer = subparsers.add_parser("tokenizer", help="train a small tokenizer for tiny models and CPU demos")
@@ -98,6 +104,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_check(args: argparse.Namespace) -> int:
+    from vitp import progress
     from vitp.data.check import check_data
     from vitp.data.tokenizer import load_tokenizer
     from vitp.errors import ConfigError
@@ -115,9 +122,11 @@ def _run_check(args: argparse.Namespace) -> int:
         raise ConfigError(str(err)) from None
     if not data_args.meta_path:
         raise ConfigError("give the meta JSON: vitp data check META.json [flags]")
+    if check_args.no_progress:
+        progress.disable()
     settings = data_settings(data_args, check_args.patch_size)
     tokenizer = load_tokenizer(check_args.tokenizer) if check_args.tokenizer else None
-    report = check_data(data_args.meta_path, settings, tokenizer, report_problem=print)
+    report = check_data(data_args.meta_path, settings, tokenizer, report_problem=progress.write)
     print()
     print(report.table())
     if tokenizer is None:

@@ -31,6 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="also evaluate retrieval with the ViT of every N-th step's checkpoint (mAP against steps)")
     demo.add_argument("--retrain", action="store_true",
                       help="pretrain again even where a finished pretraining of the same settings exists")
+    demo.add_argument("--no_progress", action="store_true",
+                      help="no training progress bar (without a terminal there is none: the loss lines are printed)")
     demo.set_defaults(handler=_run_demo)
 
 

@@ -175,6 +175,11 @@ def _run_features(args: argparse.Namespace) -> int:
     computed = result.num_found - result.num_reused - len(result.skipped)
     kind = "embedding store" if is_store_path(output) else "features"
     print(f"特征已保存到 {result.output} ({kind} saved to {result.output})")
+    classes = sorted(set(map(str, result.feature_set.labels))) if result.feature_set is not None else None
+    if classes is not None and len(classes) < 2:
+        print(f"note: one class only ({', '.join(map(repr, classes))}; an image's class is its folder's name): fine "
+              f"for a gallery to search, but `vitp evaluate` needs at least 2 classes, one folder of images each "
+              f"under --image_dir")
     print(f"特征形状: {result.shape} (feature shape; {result.seconds:.1f} s, "
           f"{max(computed, 0) / max(result.seconds, 1e-9):.1f} images/s)")
     return 0
@@ -362,6 +367,7 @@ def _register_search(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_search(args: argparse.Namespace) -> int:
+    from vitp.errors import WeightFormatError
     from vitp.retrieval.embedding_store import load_feature_set
     from vitp.retrieval.index import RetrievalIndex
     from vitp.retrieval.pictures import picture_format
@@ -381,10 +387,15 @@ def _run_search(args: argparse.Namespace) -> int:
     index = RetrievalIndex.load(args.index, faiss_device=args.faiss_device)
     skipped = []
     if args.image:
-        queries, skipped = embed_queries(
-            index, args.image, vit_checkpoint=args.vit_checkpoint, device=args.device, dtype=args.dtype,
-            batch_size=args.batch_size, num_workers=args.num_workers, progress_bar=_progress(args),
-        )
+        try:
+            queries, skipped = embed_queries(
+                index, args.image, vit_checkpoint=args.vit_checkpoint, device=args.device, dtype=args.dtype,
+                batch_size=args.batch_size, num_workers=args.num_workers, progress_bar=_progress(args),
+            )
+        except WeightFormatError as err:
+            if not args.vit_checkpoint:
+                raise
+            raise SearchError(_not_the_index_model(args.vit_checkpoint, index.feature_settings)) from err
         if queries is None:
             raise SearchError(f"--image {args.image}: no query image could be read: "
                               + "; ".join(f"{p}: {r}" for p, r in skipped[:3]))
@@ -393,6 +404,8 @@ def _run_search(args: argparse.Namespace) -> int:
     results = search_index(index, queries, args.k, qe_k=args.qe, qe_alpha=args.qe_alpha,
                            search_parameters=search_parameters, skipped=skipped)
     print("\n".join(results.lines(args.show, written=bool(args.output))))
+    if args.k > len(index):
+        print(f"-k {args.k}: the gallery has {len(index)} images, so each query got at most {len(index)} results")
     for path, reason in skipped:
         print(f"skipped query {path}: {reason}")
     for output in args.output:
@@ -400,6 +413,16 @@ def _run_search(args: argparse.Namespace) -> int:
     if args.contact_sheet:
         print(f"wrote {results.contact_sheet(args.contact_sheet, args.show)}")
     return 0
+
+
+def _not_the_index_model(checkpoint: str, settings: dict) -> str:
+    """Why a --vit_checkpoint of another network cannot embed the queries: the index's model, in two lines."""
+    config = settings.get("model_config") or {}
+    shape = ", ".join(f"{name} {config[key]}" for name, key in (("layers", "num_layers"), ("hidden", "hidden_size"),
+                                                               ("patch", "patch_size"), ("image", "image_size"))
+                      if key in config)
+    return (f"--vit_checkpoint {checkpoint}: this checkpoint is not the index's model (InternViT, {shape})\n"
+            f"  the gallery was embedded with {settings.get('vit_checkpoint')}: give that checkpoint (where it is now)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -470,8 +493,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     queries = load_feature_set(args.query_features) if args.query_features else None
     gallery = open_gallery(args.gallery_features) if args.gallery_features else None
     index = RetrievalIndex.load(args.index, faiss_device=args.faiss_device) if args.index else None
+    top_k = _top_k_within_gallery(args.top_k, len(index if index is not None else gallery), args.leave_one_out)
     report = evaluate_retrieval(
-        queries, gallery, index=index, top_k=args.top_k, leave_one_out=args.leave_one_out, factory=args.factory,
+        queries, gallery, index=index, top_k=top_k, leave_one_out=args.leave_one_out, factory=args.factory,
         pca_dimensions=args.pca, whiten=args.whiten, pca_fit=load_feature_set(args.pca_fit) if args.pca_fit else None,
         dba_k=args.dba, dba_alpha=args.dba_alpha, qe_k=args.qe, qe_alpha=args.qe_alpha,
         search_parameters=search_parameters, full_map=not args.no_full_map, faiss_device=args.faiss_device,
@@ -489,6 +513,25 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         path = write_class_chart(report.per_class, f"top_k.top{k}", f"Top-{k} accuracy per class", Path(args.plot))
         print(f"wrote {path}")
     return 0
+
+
+def _top_k_within_gallery(top_k: list[int], gallery_size: int, leave_one_out: bool) -> list[int]:
+    """The K values a query can fill, saying which were left out (P@K would count absent results as
+    misses); refused when none is left."""
+    from vitp.retrieval.evaluate import EvaluationError
+
+    candidates = gallery_size - 1 if leave_one_out else gallery_size
+    kept = [k for k in top_k if k <= candidates]
+    too_large = [k for k in top_k if k > candidates]
+    if not too_large:
+        return top_k
+    per_query = f" ({candidates} per query with --leave_one_out)" if leave_one_out else ""
+    problem = f"--top_k {' '.join(map(str, too_large))}: the gallery has {gallery_size} images{per_query}, so no query " \
+              f"can have that many results"
+    if not kept:
+        raise EvaluationError(f"{problem}; give K values up to {candidates}")
+    print(f"{problem}: left out", file=sys.stderr)
+    return kept
 
 
 def _run_compare(args: argparse.Namespace) -> int:

@@ -41,6 +41,9 @@ def argument_parser():
 
     parser = HfArgumentParser(ARGUMENT_CLASSES, prog="vitp pretrain", description=DESCRIPTION, exit_on_error=False)
     parser.add_argument("--config", help="YAML or JSON file of flag values (flags on the command line win)")
+    parser.add_argument("--no_progress", action="store_true",
+                        help="no progress bar (as --disable_tqdm True; the loss lines are still printed). Without a "
+                             "terminal (a captured log) there is no bar either way")
     return parser
 
 
@@ -104,7 +107,7 @@ def _typed(action: argparse.Action, value: object, where: str) -> object:
 
 def parse_pretrain_arguments(argv: list[str]):
     """(ModelArguments, DataTrainingArguments, TrainingArguments) from a command line; --config
-    values are the defaults the command line overrides."""
+    values are the defaults the command line overrides, and --no_progress sets disable_tqdm."""
     from vitp.errors import ConfigError
 
     parser = argument_parser()
@@ -112,7 +115,7 @@ def parse_pretrain_arguments(argv: list[str]):
     if config.config:
         parser.set_defaults(**load_config_file(config.config, parser))
     try:
-        *arguments, _extra = parser.parse_args_into_dataclasses(argv, look_for_args_file=False)
+        *arguments, extra = parser.parse_args_into_dataclasses(argv, look_for_args_file=False)
     except argparse.ArgumentError as err:  # a value its flag cannot read
         raise ConfigError(str(err)) from None
     except ValueError as err:  # unknown flags, or a value a dataclass refused
@@ -124,6 +127,8 @@ def parse_pretrain_arguments(argv: list[str]):
             message = "unrecognized arguments: " + ", ".join(
                 arg + (f" (did you mean {hint[0]}?)" if hint else "") for arg, hint in hints.items())
         raise ConfigError(message) from None
+    if extra.no_progress:
+        arguments[-1].disable_tqdm = True
     return arguments
 
 
@@ -141,5 +146,7 @@ def _run_pretrain(args: argparse.Namespace) -> int:
         return 0
     output = pretrain(*parse_pretrain_arguments(args.argv))
     if is_main_process():  # once, not per torchrun process
-        print(f"model written to {output} (transformers InternVL directory); loss curve {output / 'loss.png'}")
+        curve = output / "loss.png"
+        print(f"model written to {output} (transformers InternVL directory)"
+              + (f"; loss curve {curve}" if curve.is_file() else "; no loss was logged, so no loss.png"))
     return 0

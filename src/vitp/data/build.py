@@ -29,7 +29,7 @@ from decimal import Decimal
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from tqdm import tqdm
+from vitp.progress import progress as progress_counter
 
 from vitp.data.images import ImageError, iter_image_files, load_image
 from vitp.data.meta import IMAGE_PLACEHOLDER, MetaError, load_meta_json
@@ -362,7 +362,7 @@ def drop_unreadable_images(classes: dict[str, list[Path]], progress: bool) -> tu
     skipped: list[str] = []
     for label, paths in list(classes.items()):
         usable = []
-        for path in tqdm(paths, desc=f"checking {label}", disable=not progress):
+        for path in progress_counter(paths, desc=f"checking {label}", show=progress):
             try:
                 load_image(path)
                 usable.append(path)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from tqdm import tqdm
+from vitp.progress import progress as progress_counter
 
 from vitp.data.dataset import DataSettings, open_sample_image, tile_budget
 from vitp.data.images import count_tiles
@@ -197,7 +197,7 @@ def _check_dataset(
     index = JsonlIndex(spec.annotation)
     counts.lines = len(index)
     usable_lines = set()
-    for line, (where, raw) in enumerate(tqdm(index, total=len(index), desc=f"checking {spec.name}", disable=not progress)):
+    for line, (where, raw) in enumerate(progress_counter(index, total=len(index), desc=f"checking {spec.name}", show=progress)):
         try:
             images, tiles, tokens = _check_line(spec, settings, conversation_tokenizer, where, raw)
         except SampleError as err:

@@ -194,7 +194,7 @@ def require_two_classes(labels: np.ndarray, name: str) -> None:
     raise EvaluationError(
         f"{name} has {found}{detail}: with fewer than 2 classes every result counts as a match, so Top-K accuracy "
         f"and mAP would be perfect whatever the features are, and meaningless. The class of an image is the name of "
-        f"its folder: put each class's images in a folder of its own (at least 2 classes)"
+        f"its folder: put each class's images in a folder of its own (at least 2 classes) and run `vitp features` again"
     )
 
 

@@ -109,10 +109,13 @@ class SearchResults:
         """The first ``limit`` queries and their results; ``written``: all of them go to --output files."""
         check_show(limit)
         out = []
-        for row in self.rows()[:limit]:
+        shown = self.rows()[:limit]
+        # one label column for every query shown, as wide as its longest label
+        width = max((len(result["label"]) for row in shown for result in row["results"]), default=0)
+        for row in shown:
             out.append(f"query {row['query']}")
             for result in row["results"]:
-                out.append(f"  {result['rank']:>3}  {result['score']:.4f}  {result['label']:<16}  {result['path']}")
+                out.append(f"  {result['rank']:>3}  {result['score']:.4f}  {result['label']:<{width}}  {result['path']}")
         if len(self.query_paths) > limit:
             where = "all of them are in the --output files" if written else "write all of them with --output"
             out.append(f"... {len(self.query_paths) - limit} more queries ({where}; print more with --show)")

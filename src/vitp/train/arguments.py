@@ -29,6 +29,11 @@ from vitp.errors import ConfigError
 from vitp.model.tmaug import MODES, TMAugConfig
 
 
+# vitp.model.vlm.VLM_PRESETS' names, written out: importing that module here would add seconds to every
+# `vitp pretrain --help` and `vitp data check` (a test keeps the two equal)
+MODEL_PRESETS = ("internvl-demo", "internvl-small", "internvl-tiny")
+
+
 def _help(text: str, **extra: Any) -> dict[str, Any]:
     return {"help": text, **extra}
 
@@ -61,7 +66,7 @@ class ModelArguments:
     use_liger: bool = field(default=False, metadata=_help("Liger's fused kernels for the LLM (pip install 'vitp[liger]')"))
     # vitp's own
     model_preset: str | None = field(default=None, metadata=_help(
-        "train from scratch: internvl-tiny, internvl-small or internvl-demo (with --tokenizer)"))
+        "train from scratch, with --tokenizer: one of the presets listed", choices=MODEL_PRESETS))
     tokenizer: str | None = field(default=None, metadata=_help("tokenizer directory of a --model_preset model"))
 
     def __post_init__(self) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, SequentialSampler
-from transformers import Trainer, set_seed
+from transformers import Trainer, TrainerCallback, set_seed
 
 from vitp.data.check import validate_data_settings
 from vitp.data.dataset import Collator, InstructionDataset, data_settings
@@ -36,6 +36,7 @@ from vitp.errors import ConfigError, WeightFormatError
 from vitp.model.checkpoint import build_vlm, load_vlm, load_vlm_weights, save_vlm
 from vitp.model.projector import load_projector_weights
 from vitp.model.vlm import VisionLanguageModel, count_samples, use_packed_attention
+from vitp.progress import bars_shown
 from vitp.tensor_io import open_tensor_source
 from vitp.train import lora
 from vitp.train.arguments import (
@@ -61,7 +62,10 @@ def pretrain(model_args: ModelArguments, data_args: DataTrainingArguments, train
     if data_args.loss_reduction_all_gather:  # the loss weights summed over every rank, as upstream's flag asks
         training_args.average_tokens_across_devices = True
     check_parallelism(training_args)
-    output = prepare_output_dir(training_args)
+    check_output_dir(training_args)
+    if not bars_shown():  # a captured log (or --no_progress): the Trainer prints its log lines instead of a bar
+        training_args.disable_tqdm = True
+    output = Path(training_args.output_dir)  # created once every setting is accepted, so a refusal leaves nothing
     resume = resume_checkpoint(training_args)
     done = resume is not None and training_args.max_steps > 0 and global_step(resume) >= training_args.max_steps
     if done:  # a re-run of a finished run: training on would step past max_steps and rotate checkpoints out
@@ -99,12 +103,16 @@ def pretrain(model_args: ModelArguments, data_args: DataTrainingArguments, train
                                   tile_size=settings.force_image_size)
     else:
         collator = Collator(tokenizer.pad_token_id, data_args.loss_reduction)
+        warn_if_batch_exceeds_data(len(dataset), training_args)
 
+    prepare_output_dir(training_args)
     trainer = VitpTrainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator,
-                          processing_class=tokenizer, data_args=data_args)
+                          processing_class=tokenizer, data_args=data_args, callbacks=[LogFirstAndLastStep()])
     if resume:
         logger.info("resuming from %s", resume)
     result = trainer.train(resume_from_checkpoint=resume)
+    # The Trainer counts max_steps x the nominal batch; these are the samples the steps really held.
+    result.metrics["train_samples_per_second"] = round(trainer.samples_seen() / max(result.metrics["train_runtime"], 1e-9), 3)
     trainer.save_model(training_args.output_dir)
     trainer.log_metrics("train", result.metrics)  # as upstream: train_results.json and the final trainer state
     trainer.save_metrics("train", result.metrics)
@@ -135,6 +143,8 @@ def check_parallelism(args: TrainingArguments) -> None:
     if cuda and torch.cuda.device_count() > 1 and not distributed and not args.use_cpu:
         raise ConfigError(f"{torch.cuda.device_count()} GPUs are visible to one process: launch with "
                           "`torchrun --nproc_per_node N -m vitp.cli pretrain ...` (or set CUDA_VISIBLE_DEVICES)")
+    if not cuda:  # pinned memory needs an accelerator; asking for it on CPUs prints a warning every epoch
+        args.dataloader_pin_memory = False
     if distributed and not cuda and args.ddp_backend is None:
         args.ddp_backend = "gloo"  # torchrun on CPUs (tests, laptops); set before the Trainer reads the device
     # transformers 5 reads the TensorBoard folder from the environment; set it for every run (not
@@ -219,12 +229,32 @@ def apply_liger_kernels(model: VisionLanguageModel) -> None:
         _apply_liger_kernel_to_instance(model=model.language_model)
 
 
+def check_output_dir(args: TrainingArguments) -> None:
+    """Refuse an output_dir that is a file, before anything is loaded."""
+    output = Path(args.output_dir)
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"output_dir {output} is a file, not a directory")
+
+
+def warn_if_batch_exceeds_data(num_samples: int, args: TrainingArguments) -> None:
+    """A batch larger than the data set holds the whole data set: every micro-batch is an epoch and a
+    step trains on fewer samples than its nominal batch. Say how many it really holds."""
+    nominal = args.per_device_train_batch_size * args.world_size
+    if num_samples >= nominal:
+        return
+    accumulation = args.gradient_accumulation_steps
+    logger.warning(
+        "per_device_train_batch_size %d x %d process(es) is larger than the data set's %d samples: every batch is "
+        "the whole data set (one epoch), so a step trains on %d samples, not %d", args.per_device_train_batch_size,
+        args.world_size, num_samples, num_samples * accumulation, nominal * accumulation,
+    )
+
+
 def prepare_output_dir(args: TrainingArguments) -> Path:
     """The output directory, created; with overwrite_output_dir an earlier run's checkpoints are
     removed first, or a later run without the flag would resume from them."""
     output = Path(args.output_dir)
-    if output.exists() and not output.is_dir():
-        raise ConfigError(f"output_dir {output} is a file, not a directory")
+    check_output_dir(args)
     if args.overwrite_output_dir and is_main_process():
         for old in checkpoints(output):
             shutil.rmtree(old)
@@ -290,6 +320,16 @@ def global_step(checkpoint: str | Path) -> int | None:
         return None
 
 
+class LogFirstAndLastStep(TrainerCallback):
+    """Log the first and the last optimizer step besides every logging_steps: a run shorter than
+    logging_steps would otherwise log no loss at all (and draw no loss curve)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if args.logging_strategy != "no" and state.global_step in (1, state.max_steps):
+            control.should_log = True
+        return control
+
+
 WINDOW_KEYS = ("answer_tokens", "sequence_tokens", "tmaug_samples", "tmaug_tokens", "tsaug_samples", "samples")
 
 
@@ -304,6 +344,7 @@ class VitpTrainer(Trainer):
         self._window = dict.fromkeys(WINDOW_KEYS, 0)
         self._window_start = time.perf_counter()
         self._dropped_total = 0
+        self._samples_total = 0  # samples this process trained on (packed or padded, whatever the batch size)
         self._reported_lines: set[str] = set()
 
     # ----------------------------------------------------------------------------------------------
@@ -364,7 +405,9 @@ class VitpTrainer(Trainer):
         if model.training:
             self._window["answer_tokens"] += outputs.answer_tokens or 0
             self._window["sequence_tokens"] += outputs.sequence_tokens or 0
-            self._window["samples"] += count_samples(inputs["attention_mask"], inputs.get("segment_ids"))
+            samples = count_samples(inputs["attention_mask"], inputs.get("segment_ids"))
+            self._window["samples"] += samples
+            self._samples_total += int(samples)
             for key, value in (outputs.tmaug or {}).items():
                 if key != "samples":
                     self._window[key] += value
@@ -376,6 +419,13 @@ class VitpTrainer(Trainer):
             if where not in self._reported_lines:
                 self._reported_lines.add(where)
                 logger.warning("skipped %s (%s): %s", where, kind, reason)
+
+    def samples_seen(self) -> int:
+        """Samples trained on in this run, summed over every process (a collective under torchrun)."""
+        total = torch.tensor(float(self._samples_total), dtype=torch.float64, device=self.args.device)
+        if self.args.world_size > 1:
+            total = self.accelerator.reduce(total, reduction="sum")
+        return int(total.item())
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log line: add this window's throughput and augmentation figures

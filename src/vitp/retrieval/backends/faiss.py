@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator
 
 import faiss
 import numpy as np
-from tqdm import tqdm
+from vitp.progress import progress
 
 import vitp
 from vitp.retrieval.backends import autoindex
@@ -590,7 +590,7 @@ def _train(index: faiss.Index, vectors: np.ndarray, factory: str, faiss_device: 
 def _add_all(index: faiss.Index, chunks, total: int, factory: str, faiss_device: str, progress_bar: bool) -> faiss.Index:
     """Add every chunk, in order (FAISS numbers them 0..N-1), on the GPU when available; returns a CPU index."""
     device_index = to_search_device(index, faiss_device)
-    with tqdm(total=total, unit="vec", desc="index", disable=not progress_bar or total <= _CHUNK_ROWS) as bar:
+    with progress(total=total, unit="vec", desc="index", show=progress_bar and total > _CHUNK_ROWS) as bar:
         for _, chunk in chunks:
             try:
                 device_index.add(np.ascontiguousarray(chunk, dtype=np.float32))

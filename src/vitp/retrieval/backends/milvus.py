@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from tqdm import tqdm
+from vitp.progress import progress
 
 import vitp
 from vitp.retrieval.index import (
@@ -431,7 +431,7 @@ def _create_collection(connection: Connection, collection: str, dimension: int, 
 def _insert_rows(connection: Connection, collection: str, gallery, start: int, progress_bar: bool) -> None:
     """Rows ``start..`` in batches, by increasing id; a retried batch is upserted (never duplicated)."""
     step = _batch_rows(gallery.dimension)
-    with tqdm(total=len(gallery), initial=start, unit="vec", desc="milvus", disable=not progress_bar) as bar:
+    with progress(total=len(gallery), initial=start, unit="vec", desc="milvus", show=progress_bar) as bar:
         for first in range(start, len(gallery), step):
             ids = np.arange(first, min(first + step, len(gallery)))
             vectors = gallery.take(ids)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from tqdm import tqdm
+from vitp.progress import progress
 
 import vitp
 from vitp.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
@@ -148,8 +148,8 @@ def extract_features(
         writer = ShardWriter(directory, run_number, world.rank)
         dataset = ImageFiles(files, feature_model.image_size, max_pixels)
         description = "features" if world.size == 1 else f"features (rank 0 of {world.size})"
-        bar = tqdm(total=num_mine, initial=num_reused, unit="img", desc=description, smoothing=0.1,
-                   disable=not progress_bar or not world.is_main)
+        bar = progress(total=num_mine, initial=num_reused, unit="img", desc=description, smoothing=0.1,
+                       show=progress_bar and world.is_main)
         try:
             with _sigterm_as_interrupt():
                 for batch, rows in embedded_batches(feature_model, dataset, pending, num_workers, settings["layer"], pool):
@@ -213,7 +213,7 @@ def embed_files(
     dataset = ImageFiles(paths, feature_model.image_size, max_pixels)
     batches = [list(batch) for batch in fixed_batches(len(paths), batch_size)]
     rows, kept, skipped = [], [], []
-    with tqdm(total=len(paths), unit="img", desc="queries", disable=not progress_bar or len(paths) < 2) as bar:
+    with progress(total=len(paths), unit="img", desc="queries", show=progress_bar and len(paths) >= 2) as bar:
         for batch, batch_rows in embedded_batches(feature_model, dataset, batches, num_workers, settings["layer"], pool):
             skipped += [(str(paths[i]), reason) for i, reason in batch.failures]
             if batch_rows is not None:
