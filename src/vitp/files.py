@@ -7,8 +7,28 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
-from vitp.errors import ConfigError
+from vitp.errors import ConfigError, VitpError
+
+
+def read_json(path: Path | str, error: type[VitpError], object_only: bool = False) -> Any:
+    """A JSON file's value, or ``error`` (the vitp error of the caller's stage) naming the file and,
+    for a syntax error, the line and column. ``object_only``: anything but a JSON object is refused."""
+    try:
+        # utf-8-sig: editors on Windows save JSON with a byte-order mark
+        value = json.loads(Path(path).read_text(encoding="utf-8-sig"))
+    except FileNotFoundError:
+        raise error(f"{path}: no such file") from None
+    except OSError as err:
+        raise error(f"{path}: cannot read ({err.strerror or err})") from None
+    except UnicodeDecodeError as err:
+        raise error(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
+    except json.JSONDecodeError as err:
+        raise error(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+    if object_only and not isinstance(value, dict):
+        raise error(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
 
 
 def write_json(value: dict, path: Path) -> None:

@@ -8,7 +8,6 @@ Every failure is a :class:`~vitp.errors.WeightFormatError` that names the file.
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import warnings
@@ -20,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from vitp.errors import WeightFormatError
+from vitp import files
 from vitp.files import atomic_path
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -116,16 +116,8 @@ def find_directory_weights(directory: Path) -> Path:
 
 
 def read_json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            value = json.load(handle)
-    except json.JSONDecodeError as err:
-        raise WeightFormatError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
-    except OSError as err:
-        raise WeightFormatError(f"{path}: cannot read: {err.strerror or err}") from None
-    if not isinstance(value, dict):
-        raise WeightFormatError(f"{path}: expected a JSON object, found {type(value).__name__}")
-    return value
+    """A checkpoint's JSON file (config, shard index) as an object, or WeightFormatError naming it."""
+    return files.read_json(path, WeightFormatError, object_only=True)
 
 
 def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:

@@ -190,7 +190,7 @@ def test_load_query_results_reports_damaged_files(tmp_path):
     np.testing.assert_array_equal(loaded.metrics["mAP"], results.metrics["mAP"])
     cases = {
         "missing.json": (None, "no such file"),
-        "broken.json": ("{", "not valid JSON \\(line 1"),
+        "broken.json": ("{", "invalid JSON at line 1"),
         "other.json": (json.dumps({"hello": 1}), "not an evaluation"),
         "old.json": (json.dumps({"top_k_accuracy": {}}), "no per-query results"),
         "bad_values.json": (json.dumps({"top_k_accuracy": {}, "per_query": {

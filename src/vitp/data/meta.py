@@ -31,6 +31,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from vitp.errors import DataError
+from vitp.files import read_json
 
 logger = logging.getLogger("vitp")
 
@@ -91,21 +92,8 @@ def read_meta(meta_path: str | Path) -> list[DatasetSpec]:
     return specs
 
 
-def read_json_file(path: Path) -> Any:
-    """A JSON file's value, or DataError naming the file (and the line and column of a syntax error)."""
-    try:
-        # utf-8-sig: editors on Windows save JSON with a byte-order mark, and JSONL with one is accepted too
-        return json.loads(Path(path).read_text(encoding="utf-8-sig"))
-    except OSError as err:
-        raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
-
-
 def load_meta_json(meta_path: Path) -> dict[str, Any]:
-    meta = read_json_file(meta_path)
+    meta = read_json(meta_path, DataError)
     if not isinstance(meta, dict) or not meta:
         raise DataError(f"{meta_path}: expected a non-empty object {{dataset name: {{root, annotation, ...}}}}")
     return meta
@@ -395,7 +383,7 @@ def json_list_to_jsonl(source: str | Path, destination: str | Path) -> int:
     trains with it as the sample's system message). Returns the number of samples; DataError for a
     file that is not a JSON list of objects (naming the index of the first bad item)."""
     source, destination = Path(source), Path(destination)
-    items = read_json_file(source)
+    items = read_json(source, DataError)
     if not isinstance(items, list):
         raise DataError(f"{source}: expected a JSON list of samples, found {type(items).__name__}")
     for index, item in enumerate(items):

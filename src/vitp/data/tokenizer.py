@@ -14,7 +14,6 @@ the image-token expansion behave exactly as with the real tokenizer.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -25,6 +24,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from vitp.data.meta import IMAGE_PLACEHOLDER, JsonlIndex, SampleError, parse_sample, read_meta
 from vitp.data.template import CHATML_TOKENS, DEFAULT_SYSTEM_MESSAGE, INTERNVL_TOKENS, prepare_tokenizer
 from vitp.errors import ConfigError, DataError
+from vitp.files import read_json
 
 
 SPECIAL_TOKENS = CHATML_TOKENS + INTERNVL_TOKENS
@@ -167,13 +167,7 @@ def _tokenizer_config(directory: Path) -> dict[str, Any]:
     path = directory / "tokenizer_config.json"
     if not path.is_file():
         return {}
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataError(f"{path}: not readable JSON ({err})") from None
-    if not isinstance(value, dict):
-        raise DataError(f"{path}: expected a JSON object, found {type(value).__name__}")
-    return value
+    return read_json(path, DataError, object_only=True)
 
 
 def _declared_classes(config: dict[str, Any]) -> set[str]:

@@ -17,7 +17,6 @@ vectors stay on disk and are read in chunks (:meth:`EmbeddingStore.chunks`) or b
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections import OrderedDict
@@ -28,7 +27,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from vitp.errors import RetrievalError
-from vitp.files import atomic_path, write_json
+from vitp.files import atomic_path, read_json, write_json
 from vitp.options import STORE_DTYPES
 from vitp.retrieval.feature_file import FeatureSet, check_vectors, load_features, refuse_duplicate_paths
 from vitp.retrieval.rerank import l2_normalise
@@ -284,10 +283,7 @@ _MANIFEST_FIELDS = {"settings": (dict, type(None)), "dtype": (str,), "dimension"
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise RetrievalError(f"{path}: unreadable ({err})") from None
+    manifest = read_json(path, RetrievalError)
     if not isinstance(manifest, dict) or manifest.get("format") != STORE_FORMAT:
         raise RetrievalError(f"{path}: not a vitp embedding store manifest")
     if manifest.get("version") != STORE_VERSION:

@@ -20,13 +20,14 @@ import json
 import logging
 import os
 import shutil
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from vitp.errors import RetrievalError
-from vitp.files import check_parent_folders, make_parent_folder
+from vitp.files import check_parent_folders, make_parent_folder, read_json
 from vitp.options import BACKENDS
 from vitp.retrieval.feature_file import check_compatible
 from vitp.retrieval.rerank import weighted_expansion
@@ -97,7 +98,7 @@ def drop_excluded(scores: np.ndarray, ids: np.ndarray, exclude: np.ndarray | Non
 # The interface
 
 
-class RetrievalIndex:
+class RetrievalIndex(ABC):
     """A gallery in a vector index, with its paths, labels, feature settings and post-processing.
 
     A backend implements :meth:`top_k`, :meth:`gallery_vectors`, :meth:`all_gallery_vectors`,
@@ -213,31 +214,34 @@ class RetrievalIndex:
     # ---------------------------------------------------------------------------------------------
     # What a backend provides
 
+    @abstractmethod
     def prepare_queries(self, features: np.ndarray) -> np.ndarray:
         """Queries in the index's space (the gallery's post-processing applied), L2-normalised."""
-        raise NotImplementedError
 
+    @abstractmethod
     def top_k(self, queries: np.ndarray, k: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids) of the k best gallery vectors; ``exclude[i]`` never appears in row i; id -1 and
         score -inf where fewer than k were found."""
-        raise NotImplementedError
 
+    @abstractmethod
     def vectors_by_id(self, ids: np.ndarray) -> np.ndarray:
         """Exact gallery vectors in the index's space, for valid ids."""
-        raise NotImplementedError
 
+    @abstractmethod
     def all_gallery_vectors(self) -> np.ndarray:
         """Every gallery vector, exactly (for full-ranking metrics)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def set_search_parameters(self, parameters: dict[str, Any]) -> None:
-        raise NotImplementedError
+        """Apply counting search parameters (``nprobe``, ``efSearch``) to later searches."""
 
+    @abstractmethod
     def describe(self) -> str:
-        raise NotImplementedError
+        """One line: engine, index type, size."""
 
+    @abstractmethod
     def save(self, directory: Path | str) -> Path:
-        raise NotImplementedError
+        """Write the index directory; returns it."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -262,10 +266,7 @@ def read_meta(directory: Path) -> dict[str, Any]:
     meta_path = directory / "meta.json"
     if not meta_path.is_file():
         raise RetrievalError(f"{directory}: not a vitp index (no meta.json); build one with `vitp index build`")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise RetrievalError(f"{meta_path}: unreadable ({err})") from None
+    meta = read_json(meta_path, RetrievalError)
     check_meta(meta, meta_path)
     meta["path"] = str(directory)
     return meta

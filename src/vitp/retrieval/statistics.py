@@ -33,7 +33,6 @@ source of spread, which only repeating the training measures.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -41,6 +40,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from vitp.errors import RetrievalError
+from vitp.files import read_json
 
 CONFIDENCE = 0.95
 # Elements (resample slots x metrics) gathered at a time: about 64 MB of float64.
@@ -367,14 +367,7 @@ def per_class_values(results: QueryResults) -> dict[str, dict[str, float]]:
 def load_query_results(path: str | Path) -> QueryResults:
     """The per-query results stored in an evaluation's JSON (``EvaluationReport.to_dict``)."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RetrievalError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise RetrievalError(f"{path}: cannot be read ({err})") from None
-    except json.JSONDecodeError as err:
-        raise RetrievalError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+    data = read_json(path, RetrievalError)
     if not isinstance(data, dict) or "top_k_accuracy" not in data:
         raise RetrievalError(f"{path}: not an evaluation written by `vitp evaluate` (no 'top_k_accuracy' key)")
     if data.get("per_query") is None:
