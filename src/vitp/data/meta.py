@@ -41,7 +41,8 @@ META_KEYS = ("root", "annotation", "data_augment", "repeat_time", "length", "max
 
 
 class SampleError(DataError):
-    """One JSONL line is wrong (training skips it, ``vitp data check`` counts it); ``where`` is ``file:line``, ``kind`` a short category for summaries."""
+    """One JSONL line is wrong: training skips it, ``vitp data check`` counts it. ``where`` is
+    ``file:line``, ``kind`` a short category for summaries."""
 
     def __init__(self, where: str, reason: str, kind: str = "invalid sample"):
         super().__init__(f"{where}: {reason}")
