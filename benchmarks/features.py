@@ -32,8 +32,8 @@ from torchvision import transforms
 
 from vitp import build_vit, save_vit
 from vitp.model.vision import VisionConfig
+from vitp.options import PRECISIONS, torch_dtype
 from vitp.retrieval.extract import extract_features, load_feature_model
-from vitp.retrieval.extract.embedder import DTYPES
 from vitp.retrieval.feature_file import load_features
 
 
@@ -143,7 +143,7 @@ def main() -> None:
     parser.add_argument("--preset", default="internvit-300m")
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--dtype", default="bf16", choices=tuple(DTYPES))
+    parser.add_argument("--dtype", default="bf16", choices=tuple(PRECISIONS))
     parser.add_argument("--num_workers", type=int, help="vitp's decoding workers (default: vitp's default)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = parser.parse_args()
@@ -155,7 +155,7 @@ def main() -> None:
         config = load_feature_model(tmp / "vit.safetensors", device="cpu", dtype="fp32").model.config
         flops = vit_forward_flops(config)
         load_before = os.getloadavg()[0]
-        peak = {name: matmul_peak(DTYPES[name], args.device, config, args.batch_size) for name in ("fp32", args.dtype)}
+        peak = {name: matmul_peak(torch_dtype(name), args.device, config, args.batch_size) for name in ("fp32", args.dtype)}
 
         seed_model = load_feature_model(tmp / "vit.safetensors", device=args.device, dtype="fp32")
         seed_features, seed_seconds = seed_extract(seed_model.model, paths, args.device)
@@ -171,8 +171,8 @@ def main() -> None:
         forward_rate = model_forward_rate(vitp_model, args.batch_size, args.device)
 
         for name in peak:  # the best rate seen, before or after
-            peak[name] = max(peak[name], matmul_peak(DTYPES[name], args.device, config, args.batch_size))
-        sustained = sustained_vit_gemm_rate(DTYPES[args.dtype], args.device, config, args.batch_size)
+            peak[name] = max(peak[name], matmul_peak(torch_dtype(name), args.device, config, args.batch_size))
+        sustained = sustained_vit_gemm_rate(torch_dtype(args.dtype), args.device, config, args.batch_size)
         load_after = os.getloadavg()[0]
 
     seed_rate, vitp_rate = args.images / seed_seconds, args.images / vitp_seconds

@@ -23,14 +23,14 @@ import time
 import torch
 from transformers import InternVLForConditionalGeneration
 
+from vitp.data.templates import IMG_CONTEXT, prepare_tokenizer
 from vitp.data.tokenizer import train_tokenizer
 from vitp.model.checkpoint import save_vlm
 from vitp.model.tmaug import TMAugConfig
 from vitp.model.vision import PRESETS
 from vitp.model.vlm import VisionLanguageModel, VLMConfig
-from vitp.data.templates import IMG_CONTEXT, prepare_tokenizer
+from vitp.options import torch_dtype
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TEXT = dict(model_type="qwen2", hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
             num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True)
 
@@ -73,7 +73,7 @@ def measure(vocab_size: int, args: argparse.Namespace, tokenizer) -> None:
     """Print the three comparisons for one LLM vocabulary size."""
     config = VLMConfig(vision=PRESETS["internvit-tiny"], text={**TEXT, "vocab_size": max(vocab_size, len(tokenizer))},
                        image_token_id=tokenizer.convert_tokens_to_ids(IMG_CONTEXT))
-    dtype = DTYPES[args.dtype]
+    dtype = torch_dtype(args.dtype)
     torch.manual_seed(0)
     ours = VisionLanguageModel(config).train()
     with tempfile.TemporaryDirectory() as directory:
@@ -117,7 +117,7 @@ def measure(vocab_size: int, args: argparse.Namespace, tokenizer) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--tiles", type=int, default=8)

@@ -25,8 +25,7 @@ from transformers import InternVLVisionModel
 
 from vitp import VisionConfig, build_vit, save_vit, vision_config
 from vitp.model.vision import InternViT, count_parameters
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from vitp.options import PRECISIONS, torch_dtype
 
 
 def images_per_second(forward, pixels: torch.Tensor, repeats: int, device: str) -> float:
@@ -103,7 +102,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="internvit-300m")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
+    parser.add_argument("--dtype", default="fp32", choices=tuple(PRECISIONS))
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--memory", action="store_true", help="print the memory the preset needs (see above)")
@@ -113,7 +112,7 @@ def main() -> None:
         print_memory(args)
         return
 
-    dtype = DTYPES[args.dtype]
+    dtype = torch_dtype(args.dtype)
     ours = build_vit(args.preset).eval()
     with tempfile.TemporaryDirectory() as directory:
         save_vit(ours, directory, to="hf")

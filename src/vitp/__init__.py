@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from vitp.errors import ConfigError, VitpError, WeightFormatError
+from vitp.errors import ConfigError, DataError, RetrievalError, ServeError, VitpError, WeightFormatError
 
 __version__ = "0.1.0"
 
@@ -26,7 +26,7 @@ _LAZY = {
     "vision_config": "vitp.model.vision",
 }
 
-__all__ = sorted(["ConfigError", "VitpError", "WeightFormatError", *_LAZY])
+__all__ = sorted(["ConfigError", "DataError", "RetrievalError", "ServeError", "VitpError", "WeightFormatError", *_LAZY])
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from vitp.model.vision import PRESETS, InternViT, VisionConfig, build_vit, vision_config

@@ -8,10 +8,8 @@ Every failure is a :class:`~vitp.errors.WeightFormatError` that names the file.
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -20,7 +18,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from vitp.errors import VitpError, WeightFormatError
+from vitp.errors import WeightFormatError
+from vitp import files
+from vitp.files import atomic_path
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt")
@@ -34,10 +34,6 @@ DIRECTORY_WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
-
-
-class OutputPathError(VitpError):
-    """An output file that cannot be written where it was asked for."""
 
 
 class TensorSource:
@@ -120,16 +116,8 @@ def find_directory_weights(directory: Path) -> Path:
 
 
 def read_json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            value = json.load(handle)
-    except json.JSONDecodeError as err:
-        raise WeightFormatError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
-    except OSError as err:
-        raise WeightFormatError(f"{path}: cannot read: {err.strerror or err}") from None
-    if not isinstance(value, dict):
-        raise WeightFormatError(f"{path}: expected a JSON object, found {type(value).__name__}")
-    return value
+    """A checkpoint's JSON file (config, shard index) as an object, or WeightFormatError naming it."""
+    return files.read_json(path, WeightFormatError, object_only=True)
 
 
 def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
@@ -138,81 +126,6 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: 
     contiguous = {key: tensor.detach().contiguous().cpu() for key, tensor in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(contiguous, str(tmp), metadata={"format": "pt", **(metadata or {})})
-
-
-def write_json(value: dict, path: Path) -> None:
-    write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", path)
-
-
-def write_text(text: str, path: Path) -> None:
-    """Write a text file atomically."""
-    with atomic_path(Path(path)) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
-def check_output_path(path: Path | str, flag: str = "--output") -> Path:
-    """Refuse, before any work is done, an output path that cannot become a file: an existing
-    directory, or a path under a file. Missing folders are fine: they are created when writing."""
-    path = Path(path)
-    if path.is_dir():
-        raise OutputPathError(f"{flag} {path}: is a directory; give the name of a file to write")
-    check_parent_folders(path, flag)
-    return path
-
-
-def check_parent_folders(path: Path, flag: str = "--output") -> None:
-    """Refuse a path whose nearest existing parent is a file, or a folder this process cannot write in."""
-    for parent in Path(path).parents:
-        if parent.exists() or parent.is_symlink():
-            if not parent.is_dir():
-                raise OutputPathError(f"{flag} {path}: {parent} is a file, not a folder")
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise OutputPathError(f"{flag} {path}: no permission to write in {parent}")
-            return
-
-
-def make_parent_folder(path: Path) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OutputPathError(f"{path}: cannot create its folder ({err.strerror or err})") from None
-
-
-class atomic_path:
-    """Context manager yielding a temporary path in the target's folder (created if missing),
-    renamed onto the target on success. The temporary file never outlives the block: if the rename
-    fails (the target is a directory, ...) it is removed and :class:`OutputPathError` says why."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-
-    def __enter__(self) -> Path:
-        make_parent_folder(self.path)
-        try:
-            fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        except OSError as err:
-            raise OutputPathError(f"{self.path}: cannot write in {self.path.parent} ({err.strerror or err})") from None
-        os.close(fd)
-        self.tmp = Path(name)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.tmp.unlink(missing_ok=True)
-            return
-        try:
-            os.chmod(self.tmp, 0o666 & ~_current_umask())  # mkstemp creates 0600; use the usual mode
-            os.replace(self.tmp, self.path)
-        except OSError as err:
-            self.tmp.unlink(missing_ok=True)
-            what = "it is a directory" if self.path.is_dir() else err.strerror or str(err)
-            raise OutputPathError(f"{self.path}: cannot write it ({what})") from None
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _open_safetensors(path: Path):

@@ -7,9 +7,10 @@ from collections import Counter
 import pytest
 
 from vitp.cli import main
-from vitp.data.build import BuildError, build_instructions, format_value, holdout_count
+from vitp.data.build import build_instructions, format_value, holdout_count
 from vitp.data.check import check_data
 from vitp.data.tokenizer import load_tokenizer
+from vitp.errors import DataError
 
 from data_testing import save_image, settings
 
@@ -88,10 +89,10 @@ def test_built_data_passes_the_checks_and_trains_a_tokenizer(class_folders, tmp_
 
 def test_layout_errors(tmp_path):
     save_image(tmp_path / "flat" / "a.png", 10, 10)
-    with pytest.raises(BuildError, match="not inside a class folder"):
+    with pytest.raises(DataError, match="not inside a class folder"):
         build_instructions(tmp_path / "flat", tmp_path / "out", progress=False)
     save_image(tmp_path / "one" / "only" / "a.png", 10, 10)
-    with pytest.raises(BuildError, match="at least 2 classes"):
+    with pytest.raises(DataError, match="at least 2 classes"):
         build_instructions(tmp_path / "one", tmp_path / "out", progress=False)
 
 
@@ -160,7 +161,7 @@ def test_class_whose_images_are_all_unreadable_is_dropped(tmp_path):
     assert any("broken" in note for note in result.notes)
 
     (root / "b").rename(tmp_path / "b_elsewhere")  # one real class left: not enough
-    with pytest.raises(BuildError, match=r"1 class folder\(s\) with usable images \(broken dropped.*at least 2"):
+    with pytest.raises(DataError, match=r"1 class folder\(s\) with usable images \(broken dropped.*at least 2"):
         build_instructions(root, tmp_path / "out", progress=False)
 
 
@@ -192,14 +193,14 @@ def write_metadata(tmp_path, name, content):
 ])
 def test_bad_metadata_is_an_error_naming_file_line_and_column(tmp_path, name, content, message):
     path = write_metadata(tmp_path, name, content)
-    with pytest.raises(BuildError, match=message):
+    with pytest.raises(DataError, match=message):
         build_instructions(small_set(tmp_path), tmp_path / "out", metadata=path, progress=False)
     assert not (tmp_path / "out").exists()
 
 
 def test_every_metadata_problem_is_listed_at_once(tmp_path):
     path = write_metadata(tmp_path, "attrs.csv", "image,water_fraction\na/0.png,abc\na/1.png,2\n")
-    with pytest.raises(BuildError, match=r"2 problem\(s\)(.|\n)*attrs.csv:2: (.|\n)*attrs.csv:3: "):
+    with pytest.raises(DataError, match=r"2 problem\(s\)(.|\n)*attrs.csv:2: (.|\n)*attrs.csv:3: "):
         build_instructions(small_set(tmp_path), tmp_path / "out", metadata=path, progress=False)
 
 

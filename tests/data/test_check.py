@@ -5,9 +5,10 @@ import json
 import pytest
 
 from vitp.cli import main
-from vitp.data.check import DataSettingsError, check_data, validate_data_settings
+from vitp.data.check import check_data, validate_data_settings
 from vitp.data.meta import read_meta
 from vitp.data.tokenizer import save_tokenizer
+from vitp.errors import ConfigError
 
 from data_testing import conversation, save_image, settings, write_dataset
 
@@ -163,14 +164,14 @@ def test_lone_surrogate_is_a_dropped_line_not_a_tokenizer_crash(tmp_path, bpe_to
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--max_dynamic_patch", "0"], "--max_dynamic_patch 0 is below --min_dynamic_patch 1"),
-        (["--min_dynamic_patch", "3", "--max_dynamic_patch", "2"], "--max_dynamic_patch 2 is below --min_dynamic_patch 3"),
-        (["--min_dynamic_patch", "0"], "--min_dynamic_patch must be at least 1"),
-        (["--force_image_size", "0"], "--force_image_size must be a positive number of pixels"),
-        (["--force_image_size", "450"], "--force_image_size 450 is not a multiple of the patch size 14 (try 448 or 462)"),
-        (["--patch_size", "0"], "--patch_size must be a positive number of pixels"),
+        (["--max_dynamic_patch", "0"], "max_dynamic_patch 0 is below min_dynamic_patch 1"),
+        (["--min_dynamic_patch", "3", "--max_dynamic_patch", "2"], "max_dynamic_patch 2 is below min_dynamic_patch 3"),
+        (["--min_dynamic_patch", "0"], "min_dynamic_patch must be at least 1"),
+        (["--force_image_size", "0"], "force_image_size must be a positive number of pixels"),
+        (["--force_image_size", "450"], "force_image_size 450 is not a multiple of the patch size 14 (try 448 or 462)"),
+        (["--patch_size", "0"], "patch_size must be a positive number of pixels"),
         (["--force_image_size", "14"], "would become 0 image tokens"),
-        (["--max_seq_length", "0"], "--max_seq_length must be at least 1"),
+        (["--max_seq_length", "0"], "max_seq_length must be at least 1"),
     ],
 )
 def test_impossible_data_settings_are_refused_before_reading_data(tmp_path, capsys, flags, message):
@@ -185,7 +186,7 @@ def test_dataset_max_dynamic_patch_below_the_global_minimum(tmp_path):
     meta_path = write_dataset(tmp_path, [{"conversations": conversation("hi", "ho")}], max_dynamic_patch=2)
     custom = settings(num_image_token=4, min_dynamic_patch=3, max_dynamic_patch=6)
     report = check_data(meta_path, custom, progress=False)
-    assert "dataset 'ds': its max_dynamic_patch 2 is below --min_dynamic_patch 3" in report.problems[0]
-    with pytest.raises(DataSettingsError, match="max_dynamic_patch 2 is below"):
+    assert "dataset 'ds': its max_dynamic_patch 2 is below min_dynamic_patch 3" in report.problems[0]
+    with pytest.raises(ConfigError, match="max_dynamic_patch 2 is below"):
         validate_data_settings(custom, patch_size=14, specs=read_meta(meta_path))
     validate_data_settings(SETTINGS, patch_size=14, specs=read_meta(meta_path))  # fine: no error

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from vitp.data.dataset import Collator, InstructionDataset
-from vitp.data.meta import MetaError, read_meta
+from vitp.data.meta import read_meta
 from vitp.data.templates import IGNORE_INDEX
+from vitp.errors import DataError
 
 from data_testing import conversation, save_image, settings, write_dataset
 
@@ -84,7 +85,7 @@ def test_a_run_of_bad_lines_is_replaced_fairly_and_repeatably(tmp_path, bpe_toke
 def test_data_that_is_almost_all_bad_stops_with_the_reasons(tmp_path, bpe_tokenizer):
     lines = ["{broken json"] * 200 + [{"conversations": conversation()}]
     data = dataset_of(tmp_path, lines, bpe_tokenizer)
-    with pytest.raises(MetaError, match=r"most of the data is bad, e\.g\. .*ds\.jsonl:\d+: invalid JSON.*vitp data check"):
+    with pytest.raises(DataError, match=r"most of the data is bad, e\.g\. .*ds\.jsonl:\d+: invalid JSON.*vitp data check"):
         data[0]
 
 

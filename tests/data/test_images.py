@@ -171,22 +171,22 @@ def test_candidate_grids_are_ordered_by_tile_count():
 
 def test_tiles_are_row_major_crops_of_the_resized_image_plus_thumbnail():
     image = gradient_image(900, 450)  # aspect 2 -> 2 columns x 1 row
-    tiles = dynamic_preprocess(image, max_num=6, image_size=56, use_thumbnail=True)
+    tiles = dynamic_preprocess(image, min_num=1, max_num=6, image_size=56, use_thumbnail=True)
     assert len(tiles) == 3 and all(t.size == (56, 56) for t in tiles)
     resized = np.asarray(image.resize((112, 56), Image.BICUBIC))
     assert np.array_equal(np.asarray(tiles[0]), resized[:, :56])
     assert np.array_equal(np.asarray(tiles[1]), resized[:, 56:])
     assert np.array_equal(np.asarray(tiles[2]), np.asarray(image.resize((56, 56), Image.BICUBIC)))
-    tall = dynamic_preprocess(gradient_image(100, 300), max_num=6, image_size=28)  # 1 column x 3 rows
+    tall = dynamic_preprocess(gradient_image(100, 300), min_num=1, max_num=6, image_size=28, use_thumbnail=False)  # 1 column x 3 rows
     assert len(tall) == 3
     assert np.asarray(tall[0]).mean(axis=(0, 1))[1] < np.asarray(tall[2]).mean(axis=(0, 1))[1]
 
 
 def test_single_tile_has_no_thumbnail():
-    assert len(dynamic_preprocess(gradient_image(100, 100), max_num=6, image_size=112, use_thumbnail=True)) == 1
+    assert len(dynamic_preprocess(gradient_image(100, 100), min_num=1, max_num=6, image_size=112, use_thumbnail=True)) == 1
 
 
 def test_pixel_values_stack_tiles():
-    tiles = dynamic_preprocess(gradient_image(300, 100), max_num=6, image_size=28, use_thumbnail=True)
+    tiles = dynamic_preprocess(gradient_image(300, 100), min_num=1, max_num=6, image_size=28, use_thumbnail=True)
     values = pixel_values(tiles, 28)
     assert values.shape == (len(tiles), 3, 28, 28)

@@ -6,9 +6,7 @@ import logging
 import pytest
 
 from vitp.data.meta import (
-    DataError,
     JsonlIndex,
-    MetaError,
     SampleError,
     epoch_indices,
     parse_sample,
@@ -16,6 +14,7 @@ from vitp.data.meta import (
     require_samples_per_epoch,
     samples_per_epoch,
 )
+from vitp.errors import DataError
 
 from data_testing import conversation, write_dataset
 
@@ -57,7 +56,7 @@ def test_meta_errors_name_the_dataset_and_key(tmp_path, entry, message):
     write_dataset(tmp_path, [{"conversations": conversation("hi", "ho")}])
     meta_path = tmp_path / "bad_meta.json"
     meta_path.write_text(json.dumps({"broken": entry}))
-    with pytest.raises(MetaError, match=message) as err:
+    with pytest.raises(DataError, match=message) as err:
         read_meta(meta_path)
     assert "dataset 'broken'" in str(err.value)
 
@@ -65,7 +64,7 @@ def test_meta_errors_name_the_dataset_and_key(tmp_path, entry, message):
 def test_repeat_time_written_as_1e400_is_refused(tmp_path):
     write_dataset(tmp_path, [{"conversations": conversation("hi", "ho")}])
     (tmp_path / "meta.json").write_text('{"big": {"root": "images", "annotation": "ds.jsonl", "repeat_time": 1e400}}')
-    with pytest.raises(MetaError, match="dataset 'big': 'repeat_time' must be a finite positive number"):
+    with pytest.raises(DataError, match="dataset 'big': 'repeat_time' must be a finite positive number"):
         read_meta(tmp_path / "meta.json")
 
 
@@ -87,7 +86,7 @@ def test_unknown_meta_keys_are_warned_about_with_the_closest_known_key(tmp_path,
 
 def test_invalid_meta_json_names_the_line(tmp_path):
     (tmp_path / "meta.json").write_text('{\n "a": {\n  "root": x\n }\n}')
-    with pytest.raises(MetaError, match="invalid JSON at line 3"):
+    with pytest.raises(DataError, match="invalid JSON at line 3"):
         read_meta(tmp_path / "meta.json")
 
 

@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from vitp.data.tokenizer import TokenizerError, load_tokenizer
+from vitp.data.tokenizer import load_tokenizer
+from vitp.errors import DataError
 from vitp_testing import INTERNLM2_CHAT_TOKENS, INTERNVL_TOKENS, internlm2_token_ids, write_internlm2_tokenizer
 
 
@@ -45,7 +46,7 @@ def test_tokens_at_ids_that_do_not_follow_the_model_are_refused(tmp_path):
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     config["added_tokens_decoder"]["9999"] = {"content": "<far>", "special": True}
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
-    with pytest.raises(TokenizerError, match="'<far>' has id 9999"):
+    with pytest.raises(DataError, match="'<far>' has id 9999"):
         load_tokenizer(tmp_path)
 
 
@@ -55,7 +56,7 @@ def test_an_unknown_remote_code_tokenizer_is_refused_without_a_prompt(tmp_path, 
     config.update(tokenizer_class="SomeCustomTokenizer",
                   auto_map={"AutoTokenizer": ["tokenization_custom.SomeCustomTokenizer", None]})
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
-    with pytest.raises(TokenizerError, match=r"remote code \(SomeCustomTokenizer\), which vitp does not run"):
+    with pytest.raises(DataError, match=r"remote code \(SomeCustomTokenizer\), which vitp does not run"):
         load_tokenizer(tmp_path)
 
 

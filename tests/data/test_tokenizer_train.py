@@ -3,7 +3,8 @@
 import pytest
 
 from vitp.cli import main
-from vitp.data.tokenizer import MIN_VOCAB_SIZE, TokenizerError, train_tokenizer, train_tokenizer_on_meta
+from vitp.data.tokenizer import MIN_VOCAB_SIZE, train_tokenizer, train_tokenizer_on_meta
+from vitp.errors import DataError
 
 from data_testing import conversation, write_dataset
 
@@ -42,12 +43,12 @@ def test_vocab_size_below_bytes_and_specials_is_refused(tmp_path, capsys, vocab_
     code = main(["tokenizer", "train", "--meta_path", str(meta_path), "--output_dir", str(tmp_path / "tok"),
                  "--vocab_size", str(vocab_size)])
     assert code == 2
-    assert f"--vocab_size must be at least {MIN_VOCAB_SIZE} (256 bytes + 12 special tokens), got {vocab_size}" in (
+    assert f"vocab_size must be at least {MIN_VOCAB_SIZE} (256 bytes + 12 special tokens), got {vocab_size}" in (
         capsys.readouterr().err
     )
 
 
 def test_the_minimum_vocab_size_gives_exactly_that_many_tokens():
     assert len(train_tokenizer(["a harbour with boats"] * 5, vocab_size=MIN_VOCAB_SIZE)) == MIN_VOCAB_SIZE
-    with pytest.raises(TokenizerError, match="no text"):
+    with pytest.raises(DataError, match="no text"):
         train_tokenizer(["", "  "], vocab_size=MIN_VOCAB_SIZE)

@@ -26,6 +26,7 @@ def table_row(text: str, title: str, values: int = 4) -> list[tuple[float, float
     return [tuple(numbers[i : i + 3]) for i in range(0, len(numbers), 3)]
 
 
+@pytest.mark.slow
 def test_quick_demo_writes_a_consistent_report(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--quick"]) == 0

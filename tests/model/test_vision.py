@@ -19,10 +19,7 @@ def test_internvit_300m_preset_is_timms_intern300m_network():
     assert round(count_parameters(ours) / 1e6) == 304  # InternViT-300M-448px
 
 
-def test_tiny_presets_and_explicit_sizes():
-    for name in ("internvit-tiny", "internvit-small"):
-        config = PRESETS[name]
-        assert 64 <= config.hidden_size <= 192 and 2 <= config.num_layers <= 6 and 112 <= config.image_size <= 224
+def test_explicit_sizes_build_that_network():
     custom = VisionConfig(image_size=64, patch_size=8, hidden_size=96, num_layers=4, num_heads=3, intermediate_size=200)
     model = InternViT(custom).eval()
     assert model.blocks[0].mlp.fc1.out_features == 200

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from vitp.cli import main
+from vitp.errors import RetrievalError
 from vitp.retrieval.backends import autoindex
 from vitp.retrieval.feature_file import FeatureSet, save_features
-from vitp.retrieval.index import RetrievalIndex, RetrievalIndexError
+from vitp.retrieval.index import RetrievalIndex
 from vitp.retrieval.rerank import l2_normalise
 
 MiB = 2**20
@@ -140,5 +141,5 @@ def test_an_old_index_with_a_separate_pca_file_is_refused_and_one_without_is_rea
     (path / "meta.json").write_text(json.dumps({**meta, "version": 1}))
     assert len(RetrievalIndex.load(path, faiss_device="cpu")) == 200
     (path / "meta.json").write_text(json.dumps({**meta, "version": 1, "pca": {"dimensions": 8, "whiten": True}}))
-    with pytest.raises(RetrievalIndexError, match="separate pca.npz; PCA is now part of the FAISS index: build it again"):
+    with pytest.raises(RetrievalError, match="separate pca.npz; PCA is now part of the FAISS index: build it again"):
         RetrievalIndex.load(path, faiss_device="cpu")

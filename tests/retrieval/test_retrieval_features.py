@@ -11,7 +11,8 @@ from PIL import Image
 
 import vitp
 from vitp.data.images import build_transform, load_image
-from vitp.retrieval.extract import ExtractionError, embed_files, extract_features, load_feature_model
+from vitp.errors import ConfigError, RetrievalError
+from vitp.retrieval.extract import embed_files, extract_features, load_feature_model
 from vitp.retrieval.extract import embedder as embedder_module
 from vitp.retrieval.feature_file import load_features
 
@@ -45,7 +46,7 @@ def test_cls_pooling_layer_choice_and_batch_size_independence(image_tree, vit_fi
     cls = extract_features(image_tree, tmp_path / "c.npz", vit_file, pool="cls", select_layer=1, **FAST).feature_set
     assert cls.settings["layer"] == 1 and cls.settings["pool"] == "cls"
     assert not np.allclose(cls.features, mean.features, atol=1e-3)
-    with pytest.raises(ExtractionError, match="select_layer"):
+    with pytest.raises(ConfigError, match="select_layer=7 is out of range"):
         extract_features(image_tree, tmp_path / "d.npz", vit_file, select_layer=7, **FAST)
 
 
@@ -81,10 +82,10 @@ def test_each_kind_of_bad_file_is_skipped_and_reported(image_tree, vit_file, tmp
 def test_a_folder_of_only_bad_files_is_an_error(tmp_path, vit_file):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "a.png").write_bytes(b"")
-    with pytest.raises(ExtractionError, match="none of the 1 image files could be read"):
+    with pytest.raises(RetrievalError, match="none of the 1 image files could be read"):
         extract_features(tmp_path / "bad", tmp_path / "x.npz", vit_file, **FAST)
     (tmp_path / "none").mkdir()
-    with pytest.raises(ExtractionError, match="no images found"):
+    with pytest.raises(RetrievalError, match="no images found"):
         extract_features(tmp_path / "none", tmp_path / "x.npz", vit_file, **FAST)
 
 
@@ -140,7 +141,7 @@ def test_interrupt_keeps_finished_batches_and_other_settings_are_refused(image_t
     monkeypatch.setattr(embedder_module, "embed_batch", real_embed)
     assert len(list((tmp_path / "g.npz.partial").glob("shard-*.npz"))) == 1  # flushed on the way out
 
-    with pytest.raises(ExtractionError, match="different settings:\n  pool: 'mean' before, 'cls' now"):
+    with pytest.raises(RetrievalError, match="different settings:\n  pool: 'mean' before, 'cls' now"):
         extract_features(image_tree, tmp_path / "g.npz", vit_file, pool="cls", batch_size=3, **FAST)
     # A changed image is computed again, the others are reused.
     changed = sorted((image_tree / "disk").glob("*.png"))[0]
@@ -180,7 +181,7 @@ def test_images_directly_in_the_image_dir_are_warned_about(image_tree, vit_file,
     Image.new("RGB", (30, 30), (9, 9, 99)).save(image_tree / "loose_2.png")
     with caplog.at_level("WARNING", logger="vitp"):
         result = extract_features(image_tree, tmp_path / "g.npz", vit_file, **FAST)
-    assert "2 of the 14 images are directly in --image_dir" in caplog.text
+    assert "2 of the 14 images are directly in image_dir" in caplog.text
     assert "the root folder's name 'images'" in caplog.text
     assert sorted(set(result.feature_set.labels)) == ["disk", "images", "square", "stripes"]
 
@@ -210,10 +211,10 @@ def test_any_error_mid_run_keeps_finished_batches_and_the_rerun_gives_an_identic
 
 def test_a_negative_number_of_workers_is_refused(image_tree, vit_file, tmp_path):
     options = {**FAST, "num_workers": -1}
-    with pytest.raises(ExtractionError, match="--num_workers -1: must be >= 0"):
+    with pytest.raises(RetrievalError, match="num_workers -1: must be >= 0"):
         extract_features(image_tree, tmp_path / "g.npz", vit_file, **options)
     feature_model = load_feature_model(vit_file, device="cpu", dtype="fp32")
-    with pytest.raises(ExtractionError, match="--num_workers -1"):
+    with pytest.raises(RetrievalError, match="num_workers -1"):
         embed_files(feature_model, sorted(image_tree.rglob("*.png")), -1, "mean", num_workers=-1)
 
 
@@ -221,7 +222,7 @@ def test_a_negative_number_of_workers_is_refused(image_tree, vit_file, tmp_path)
 def test_a_pixel_limit_below_one_is_refused_not_taken_as_the_default(image_tree, vit_file, tmp_path, max_pixels):
     from vitp.cli import main
 
-    with pytest.raises(ExtractionError, match=f"--max_pixels {max_pixels}: must be >= 1"):
+    with pytest.raises(RetrievalError, match=f"max_pixels {max_pixels}: must be >= 1"):
         extract_features(image_tree, tmp_path / "g.npz", vit_file, max_pixels=max_pixels, **FAST)
     assert main(["features", "--image_dir", str(image_tree), "--output", str(tmp_path / "g.npz"), "--vit_checkpoint",
                  str(vit_file), "--max_pixels", str(max_pixels), "--no_progress", "--num_workers", "0"]) == 2

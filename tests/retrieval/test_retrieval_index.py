@@ -6,14 +6,9 @@ import logging
 import numpy as np
 import pytest
 
-from vitp.retrieval.feature_file import (
-    FeatureFileError,
-    FeatureSet,
-    IncompatibleFeaturesError,
-    load_features,
-    save_features,
-)
-from vitp.retrieval.index import RetrievalIndex, RetrievalIndexError
+from vitp.errors import RetrievalError
+from vitp.retrieval.feature_file import FeatureSet, load_features, save_features
+from vitp.retrieval.index import RetrievalIndex
 from vitp.retrieval.rerank import l2_normalise
 
 SETTINGS = {"model_fingerprint": "sha256:aaaa", "layer": 24, "pool": "mean", "image_size": 448, "vit_checkpoint": "/m/vit.safetensors"}
@@ -84,28 +79,28 @@ def test_pca_is_saved_with_the_index_and_applied_to_queries(tmp_path):
 def test_queries_with_other_feature_settings_are_refused(change, message):
     index = RetrievalIndex.build(random_features(), progress_bar=False)
     queries = random_features(5, seed=1, settings={**SETTINGS, **change}, prefix="q")
-    with pytest.raises(IncompatibleFeaturesError, match=message):
+    with pytest.raises(RetrievalError, match=message):
         index.check_queries(queries.settings, queries.dimension, "query features q.npz")
 
 
 def test_queries_of_another_dimension_are_refused():
     index = RetrievalIndex.build(random_features(), progress_bar=False)
-    with pytest.raises(RetrievalIndexError, match="8-dimensional features; .* 16-dimensional"):
+    with pytest.raises(RetrievalError, match="8-dimensional features; .* 16-dimensional"):
         index.check_queries(SETTINGS, 8, "query features q.npz")
 
 
 def test_bad_factories_are_clear_errors():
     gallery = random_features(50)
-    with pytest.raises(RetrievalIndexError, match="cannot build it"):
+    with pytest.raises(RetrievalError, match="cannot build it"):
         RetrievalIndex.build(gallery, "NotAnIndex", progress_bar=False)
-    with pytest.raises(RetrievalIndexError, match="training failed on 50 gallery vectors"):
+    with pytest.raises(RetrievalError, match="training failed on 50 gallery vectors"):
         RetrievalIndex.build(gallery, "IVF100,Flat", progress_bar=False)
-    with pytest.raises(RetrievalIndexError, match="--whiten needs --pca"):
+    with pytest.raises(RetrievalError, match="whiten needs pca"):
         RetrievalIndex.build(gallery, whiten=True, progress_bar=False)
 
 
 def test_not_an_index_directory(tmp_path):
-    with pytest.raises(RetrievalIndexError, match="not a vitp index"):
+    with pytest.raises(RetrievalError, match="not a vitp index"):
         RetrievalIndex.load(tmp_path)
 
 
@@ -129,26 +124,26 @@ def test_features_file_round_trip_and_damage(tmp_path):
     np.savez(tmp_path / "raw.npz", features=np.array([[3.0, 4.0]], np.float32), image_paths=["/a/b.png"])
     np.testing.assert_allclose(load_features(tmp_path / "raw.npz").features, [[0.6, 0.8]])
     np.savez(tmp_path / "nan.npz", features=np.array([[np.nan, 1.0]], np.float32), image_paths=["/a/b.png"])
-    with pytest.raises(FeatureFileError, match="NaN or inf .* /a/b.png"):
+    with pytest.raises(RetrievalError, match="NaN or inf .* /a/b.png"):
         load_features(tmp_path / "nan.npz")
     np.savez(tmp_path / "short.npz", features=np.ones((2, 2), np.float32), image_paths=["/a/b.png"])
-    with pytest.raises(FeatureFileError, match="'image_paths' has 1 entries but 'features' has 2 rows"):
+    with pytest.raises(RetrievalError, match="'image_paths' has 1 entries but 'features' has 2 rows"):
         load_features(tmp_path / "short.npz")
     np.savez(tmp_path / "other.npz", embeddings=np.ones((2, 2)))
-    with pytest.raises(FeatureFileError, match="no 'features' array \\(found: embeddings\\)"):
+    with pytest.raises(RetrievalError, match="no 'features' array \\(found: embeddings\\)"):
         load_features(tmp_path / "other.npz")
     (tmp_path / "text.npz").write_text("not a zip")
-    with pytest.raises(FeatureFileError, match="not a readable .npz"):
+    with pytest.raises(RetrievalError, match="not a readable .npz"):
         load_features(tmp_path / "text.npz")
 
 
-@pytest.mark.parametrize("parameters, flag", [({"nprobe": 0}, "--nprobe 0"), ({"efSearch": -3}, "--ef_search -3")])
+@pytest.mark.parametrize("parameters, flag", [({"nprobe": 0}, "nprobe 0"), ({"efSearch": -3}, "efSearch -3")])
 def test_search_parameters_below_one_are_refused(parameters, flag):
     gallery = random_features(600)
-    with pytest.raises(RetrievalIndexError, match=f"{flag}: must be a whole number >= 1"):
+    with pytest.raises(RetrievalError, match=f"{flag}: must be a whole number >= 1"):
         RetrievalIndex.build(gallery, "IVF8,Flat", search_parameters=parameters, progress_bar=False)
     index = RetrievalIndex.build(gallery, "IVF8,Flat", progress_bar=False)
-    with pytest.raises(RetrievalIndexError, match=f"{flag}: must be"):
+    with pytest.raises(RetrievalError, match=f"{flag}: must be"):
         index.set_search_parameters(parameters)
 
 
@@ -162,7 +157,7 @@ def test_fewer_results_than_k_are_reported(caplog):
     with caplog.at_level(logging.WARNING, logger="vitp"):
         results = search_index(index, queries, 100)
     assert (results.ids < 0).any()
-    assert "4 of the 4 queries got fewer than 100 results" in caplog.text and "--nprobe" in caplog.text
+    assert "4 of the 4 queries got fewer than 100 results" in caplog.text and "raise nprobe" in caplog.text
 
     report = evaluate_retrieval(queries, index=index, top_k=[100], full_map=False, progress_bar=False)
     assert any("4 of 4 queries got fewer than 100 results" in line for line in report.summary_lines())
@@ -175,12 +170,12 @@ def test_features_listing_an_image_twice_are_refused(tmp_path):
     # A duplicate would find its own copy, which leave-one-out (by path) cannot remove.
     paths = ["/d/a/1.png", "/d/a/2.png", "/d/b/3.png", "/d/a/1.png", "/d/b/3.png", "/d/b/3.png"]
     np.savez(tmp_path / "dup.npz", features=np.eye(6, dtype=np.float32), image_paths=paths)
-    with pytest.raises(FeatureFileError, match=r"2 image paths appear more than once: /d/a/1.png \(2x\), /d/b/3.png \(3x\)"):
+    with pytest.raises(RetrievalError, match=r"2 image paths appear more than once: /d/a/1.png \(2x\), /d/b/3.png \(3x\)"):
         load_features(tmp_path / "dup.npz")
 
 
 def test_a_factory_whose_index_refuses_plain_add_is_a_clear_error():
-    with pytest.raises(RetrievalIndexError, match="'IDMap,Flat': FAISS cannot add the gallery vectors .*add_with_ids"):
+    with pytest.raises(RetrievalError, match="'IDMap,Flat': FAISS cannot add the gallery vectors .*add_with_ids"):
         RetrievalIndex.build(random_features(50), "IDMap,Flat", progress_bar=False)
 
 
@@ -199,7 +194,7 @@ def test_a_damaged_meta_json_is_a_clear_error(tmp_path, damage, message):
     path = RetrievalIndex.build(random_features(20), progress_bar=False).save(tmp_path / "i")
     meta = json.loads((path / "meta.json").read_text())
     (path / "meta.json").write_text(json.dumps(damage(meta)))
-    with pytest.raises(RetrievalIndexError, match=f"damaged index.*{message}"):
+    with pytest.raises(RetrievalError, match=f"damaged index.*{message}"):
         RetrievalIndex.load(path, faiss_device="cpu")
 
 
@@ -210,5 +205,5 @@ def test_huge_feature_values_are_normalised_not_zeroed_and_2d_labels_are_refused
     np.savez(tmp_path / "huge.npz", features=vectors * np.float32(1e30), image_paths=paths)
     np.testing.assert_allclose(load_features(tmp_path / "huge.npz").features, l2_normalise(vectors), rtol=1e-5)
     np.savez(tmp_path / "labels2d.npz", features=vectors, image_paths=paths, labels=np.array([["a", "b"]] * 6))
-    with pytest.raises(FeatureFileError, match="'labels' must be a 1-D list of strings, got shape \\(6, 2\\)"):
+    with pytest.raises(RetrievalError, match="'labels' must be a 1-D list of strings, got shape \\(6, 2\\)"):
         load_features(tmp_path / "labels2d.npz")

@@ -3,19 +3,20 @@
 import pytest
 
 from vitp.cli import main
-from vitp.tensor_io import OutputPathError, atomic_path, write_text
+from vitp.errors import ConfigError
+from vitp.files import atomic_path, write_text
 
 from test_retrieval_cli import _random_gallery
 
 
 def test_a_failed_final_rename_removes_the_temporary_file(tmp_path):
     (tmp_path / "taken").mkdir()
-    with pytest.raises(OutputPathError, match="taken: cannot write it \\(it is a directory\\)"):
+    with pytest.raises(ConfigError, match="taken: cannot write it \\(it is a directory\\)"):
         with atomic_path(tmp_path / "taken") as tmp:
             tmp.write_text("results")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
     (tmp_path / "file").write_text("x")
-    with pytest.raises(OutputPathError, match="cannot create its folder"):
+    with pytest.raises(ConfigError, match="cannot create its folder"):
         write_text("results", tmp_path / "file" / "out.txt")
 
 
@@ -27,7 +28,7 @@ def test_features_output_that_is_a_directory_is_refused_before_any_image(tmp_pat
     missing_model = tmp_path / "no_such_vit.safetensors"  # not loaded: the output is checked first
     common = ["features", "--image_dir", str(tmp_path / "images"), "--vit_checkpoint", str(missing_model), "--no_progress"]
     assert main([*common, "--output", str(tmp_path / "out.npz")]) == 2
-    assert f"--output {tmp_path / 'out.npz'}: is a directory" in capsys.readouterr().err
+    assert f"output {tmp_path / 'out.npz'}: is a directory" in capsys.readouterr().err
     # A name without .npz is an embedding store folder: an existing folder of other things is never replaced.
     assert main([*common, "--output", str(tmp_path / "notes")]) == 2
     assert "exists and is not an embedding store" in capsys.readouterr().err

@@ -4,9 +4,10 @@ import faiss
 import numpy as np
 import pytest
 
+from vitp.errors import RetrievalError
 from vitp.retrieval.feature_file import FeatureSet
 from vitp.retrieval.index import RetrievalIndex
-from vitp.retrieval.rerank import PostProcessingError, l2_normalise, weighted_expansion
+from vitp.retrieval.rerank import l2_normalise, weighted_expansion
 
 
 def test_average_expansion_is_the_normalised_mean():
@@ -89,12 +90,12 @@ def test_pca_inside_the_index_matches_the_covariance_and_whitening_gives_unit_va
 def test_pca_refuses_what_cannot_work():
     rng = np.random.default_rng(3)
     data = rng.normal(size=(10, 12)).astype(np.float32)
-    with pytest.raises(PostProcessingError, match="feature dimension 12"):
+    with pytest.raises(RetrievalError, match="feature dimension 12"):
         RetrievalIndex.build(pca_features(data), pca_dimensions=13, progress_bar=False)
-    with pytest.raises(PostProcessingError, match="span at most 9 dimensions"):
+    with pytest.raises(RetrievalError, match="span at most 9 dimensions"):
         RetrievalIndex.build(pca_features(data), pca_dimensions=10, progress_bar=False)
     flat = np.concatenate([data[:, :3], np.zeros((10, 3), np.float32)], axis=1)  # 3 directions carry no variance
-    with pytest.raises(PostProcessingError, match="only 3 directions"):
+    with pytest.raises(RetrievalError, match="only 3 directions"):
         RetrievalIndex.build(pca_features(flat), pca_dimensions=5, whiten=True, progress_bar=False)
-    with pytest.raises(PostProcessingError, match="alpha"):
+    with pytest.raises(RetrievalError, match="alpha"):
         weighted_expansion(data[:1], data[None, :2], np.ones((1, 2)), alpha=-1)

@@ -8,8 +8,9 @@ import math
 import numpy as np
 import pytest
 
+from vitp.errors import RetrievalError
 from vitp.retrieval import statistics
-from vitp.retrieval.statistics import ComparisonError, QueryResults, bootstrap, compare, load_query_results
+from vitp.retrieval.statistics import QueryResults, bootstrap, compare, load_query_results
 
 
 def percentile(samples, q):
@@ -157,16 +158,16 @@ def test_classes_where_the_baseline_wins_are_named():
 def test_comparison_refuses_different_queries_classes_and_duplicates():
     a = random_results(n=20)
     fewer = QueryResults(a.image_paths[:-1], a.classes[:-1], {m: v[:-1] for m, v in a.metrics.items()})
-    with pytest.raises(ComparisonError, match="did not evaluate the same queries.*only in a: 1"):
+    with pytest.raises(RetrievalError, match="did not evaluate the same queries.*only in a: 1"):
         compare(a, fewer, 10)
     relabelled = QueryResults(a.image_paths, np.where(a.classes == "water", "sea", a.classes), a.metrics)
-    with pytest.raises(ComparisonError, match="different classes.*'water' vs 'sea'"):
+    with pytest.raises(RetrievalError, match="different classes.*'water' vs 'sea'"):
         compare(a, relabelled, 10)
     doubled = QueryResults(np.r_[a.image_paths[:-1], a.image_paths[:1]], a.classes, a.metrics)
-    with pytest.raises(ComparisonError, match="appears 2 times"):
+    with pytest.raises(RetrievalError, match="appears 2 times"):
         compare(doubled, a, 10)
     other_metric = QueryResults(a.image_paths, a.classes, {"mAP@5": a.metrics["mAP"]})
-    with pytest.raises(ComparisonError, match="no metric in common"):
+    with pytest.raises(RetrievalError, match="no metric in common"):
         compare(QueryResults(a.image_paths, a.classes, {"Top-1": a.metrics["Top-1"]}), other_metric, 10)
 
 
@@ -189,7 +190,7 @@ def test_load_query_results_reports_damaged_files(tmp_path):
     np.testing.assert_array_equal(loaded.metrics["mAP"], results.metrics["mAP"])
     cases = {
         "missing.json": (None, "no such file"),
-        "broken.json": ("{", "not valid JSON \\(line 1"),
+        "broken.json": ("{", "invalid JSON at line 1"),
         "other.json": (json.dumps({"hello": 1}), "not an evaluation"),
         "old.json": (json.dumps({"top_k_accuracy": {}}), "no per-query results"),
         "bad_values.json": (json.dumps({"top_k_accuracy": {}, "per_query": {
@@ -202,7 +203,7 @@ def test_load_query_results_reports_damaged_files(tmp_path):
     for name, (text, message) in cases.items():
         if text is not None:
             (tmp_path / name).write_text(text)
-        with pytest.raises(ComparisonError, match=message):
+        with pytest.raises(RetrievalError, match=message):
             load_query_results(tmp_path / name)
 
 

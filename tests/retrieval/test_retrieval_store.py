@@ -9,10 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from vitp.cli import main
+from vitp.errors import RetrievalError
 from vitp.retrieval.embedding_store import EmbeddingStore, load_feature_set, open_gallery
 from vitp.retrieval.evaluate import evaluate_retrieval
 from vitp.retrieval.extract import extract_features
-from vitp.retrieval.feature_file import FeatureFileError, FeatureSet, load_features
+from vitp.retrieval.feature_file import FeatureSet, load_features
 from vitp.retrieval.index import RetrievalIndex
 from vitp.retrieval.rerank import l2_normalise
 
@@ -80,7 +81,7 @@ def test_a_killed_store_run_resumes_to_identical_files(image_tree, vit_file, tmp
                              str(vit_file)], capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr
     assert not (tmp_path / "resumed").exists()
-    with pytest.raises(FeatureFileError, match="not a finished embedding store"):
+    with pytest.raises(RetrievalError, match="not a finished embedding store"):
         EmbeddingStore.open(tmp_path / "resumed.partial")
     options = dict(batch_size=2, shard_size=2, store_shard_size=5, **FAST)
     assert extract_features(image_tree, tmp_path / "resumed", vit_file, **options).num_reused == 6
@@ -93,11 +94,11 @@ def test_a_killed_store_run_resumes_to_identical_files(image_tree, vit_file, tmp
 
 def test_a_damaged_store_is_a_clear_error(image_tree, vit_file, tmp_path):
     extract_features(image_tree, tmp_path / "g", vit_file, store_shard_size=5, **FAST)
-    with pytest.raises(FeatureFileError, match="not a finished embedding store"):
+    with pytest.raises(RetrievalError, match="not a finished embedding store"):
         EmbeddingStore.open(tmp_path / "nothing_here")
     first = sorted((tmp_path / "g" / "embeddings").glob("*.npy"))[0]
     np.save(first, np.load(first)[:2])
-    with pytest.raises(FeatureFileError, match="damaged store: shard part-000000 holds \\(2, 64\\)"):
+    with pytest.raises(RetrievalError, match="damaged store: shard part-000000 holds \\(2, 64\\)"):
         EmbeddingStore.open(tmp_path / "g")
 
 

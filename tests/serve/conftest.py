@@ -14,8 +14,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from vitp import build_vit, save_vit
+from vitp.retrieval.extract import extract_features
 from vitp.retrieval.feature_file import load_features
-from vitp.retrieval.features import extract_features
 from vitp.retrieval.index import RetrievalIndex
 from vitp.serve.app import create_app
 from vitp.serve.server import load_engine

@@ -15,12 +15,13 @@ from PIL import Image
 
 from vitp import build_vit, save_vit
 from vitp.cli import main
-from vitp.retrieval.feature_file import IncompatibleFeaturesError, load_features
+from vitp.errors import ConfigError, RetrievalError
+from vitp.retrieval.feature_file import load_features
 from vitp.retrieval.index import RetrievalIndex
 from vitp.retrieval.search import embed_queries, search_index
 from vitp.serve.app import STATIC_DIR, create_app
 from vitp.serve.engine import SearchEngine
-from vitp.serve.server import ServerError, bind_socket, load_engine
+from vitp.serve.server import bind_socket, load_engine
 from vitp_testing import randomize_
 
 
@@ -304,7 +305,7 @@ def test_16_bit_and_grey_uploads_are_searched_like_gallery_files(client, served_
 def test_serving_with_another_model_is_refused(served_gallery, tmp_path):
     other = tmp_path / "other.safetensors"
     save_vit(randomize_(build_vit("internvit-tiny"), std=0.05, seed=7).eval(), other, to="vitp")
-    with pytest.raises(IncompatibleFeaturesError, match="different feature settings") as refused:
+    with pytest.raises(RetrievalError, match="different feature settings") as refused:
         load_engine(served_gallery.index, vit_checkpoint=other, device="cpu")
     assert "model_fingerprint" in str(refused.value)
 
@@ -314,14 +315,14 @@ def test_cli_reports_start_up_problems_as_one_line(served_gallery, tmp_path, cap
     assert "not a vitp index" in capsys.readouterr().err
     assert main(["serve", "--index", str(served_gallery.index), "--vit_checkpoint", str(tmp_path / "gone.safetensors"),
                  "--device", "cpu"]) == 2
-    assert "no longer exists; pass its new location with --vit_checkpoint" in capsys.readouterr().err
+    assert "no longer exists; pass its new location with vit_checkpoint" in capsys.readouterr().err
 
 
 def test_a_taken_port_is_a_clean_error():
     taken = bind_socket("127.0.0.1", 0)
     taken.listen()  # as a running server's socket is
     try:
-        with pytest.raises(ServerError, match="cannot listen on 127.0.0.1:.*choose another --port"):
+        with pytest.raises(ConfigError, match="cannot listen on 127.0.0.1:.*choose another port"):
             bind_socket("127.0.0.1", taken.getsockname()[1])
     finally:
         taken.close()
@@ -335,4 +336,4 @@ def test_a_port_out_of_range_is_refused(port, tmp_path, capsys):
 
 def test_a_pixel_limit_below_one_is_refused(tmp_path, capsys):
     assert main(["serve", "--index", str(tmp_path / "missing"), "--max_pixels", "0"]) == 2
-    assert "--max_pixels 0: must be >= 1" in capsys.readouterr().err
+    assert "max_pixels 0: must be >= 1" in capsys.readouterr().err

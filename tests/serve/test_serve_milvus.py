@@ -6,7 +6,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from vitp import build_vit, save_vit
-from vitp.retrieval.feature_file import IncompatibleFeaturesError, load_features
+from vitp.errors import RetrievalError
+from vitp.retrieval.feature_file import load_features
 from vitp.retrieval.index import RetrievalIndex
 from vitp.serve.app import create_app
 from vitp.serve.server import load_engine
@@ -47,5 +48,5 @@ def test_uploads_and_gallery_queries_get_the_faiss_answers(milvus_client, client
 def test_serving_a_collection_with_another_model_is_refused(milvus_index, tmp_path):
     other = tmp_path / "other.safetensors"
     save_vit(randomize_(build_vit("internvit-tiny"), std=0.05, seed=7).eval(), other, to="vitp")
-    with pytest.raises(IncompatibleFeaturesError, match="model_fingerprint"):
+    with pytest.raises(RetrievalError, match="model_fingerprint"):
         load_engine(milvus_index, vit_checkpoint=other, device="cpu")

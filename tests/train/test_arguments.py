@@ -80,11 +80,6 @@ def test_old_names_map_to_their_transformers_5_successors():
     assert args.fsdp_config["min_num_params"] == 1000 and args.torch_compile and args.torch_compile_backend == "inductor"
 
 
-def test_num_train_epochs_is_left_to_the_trainer():
-    _, _, args = parse_pretrain_arguments(BASE + ["--num_train_epochs", "2"])
-    assert args.num_train_epochs == 2 and args.max_steps == -1
-
-
 @pytest.mark.parametrize("flags, reason", [
     (["--save_safetensors", "False"], "safetensors only"),
     (["--use_ipex", "True"], "removed from transformers 5"),

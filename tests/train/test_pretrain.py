@@ -167,7 +167,7 @@ def test_config_file_values_are_typed_like_the_flags(tmp_path):
     (["--TMAug_prob", "1.5"], "must be in [0, 1]"),
     (["--tmaug_mode", "bogus"], "invalid choice: 'bogus'"),
     (["--lr_scheduler_type", "bogus"], "--lr_scheduler_type/--lr-scheduler-type: invalid choice: 'bogus'"),
-    (["--min_dynamic_patch", "3", "--max_dynamic_patch", "2"], "--max_dynamic_patch 2 is below --min_dynamic_patch 3"),
+    (["--min_dynamic_patch", "3", "--max_dynamic_patch", "2"], "max_dynamic_patch 2 is below min_dynamic_patch 3"),
     (["--freeze_llm", "--freeze_backbone", "--freeze_mlp"], "leave nothing to train"),
     (["--vision_select_layer", "99"], "vision_select_layer: select_layer=99 is out of range"),
     (["--warmup_ratio", "1.5"], "warmup_ratio: must be in [0, 1)"),

@@ -10,11 +10,10 @@ import argparse
 import sys
 from pathlib import Path
 
-POOLS = ("mean", "cls")
+from vitp.options import BACKENDS, FAISS_DEVICES, POOLS, PRECISIONS, STORE_DTYPES
+
 DEVICES_HELP = "auto (cuda if available; under torchrun each rank's own GPU), cpu, cuda or cuda:N"
-DTYPES = ("auto", "fp32", "bf16", "fp16")
-STORE_DTYPES = ("float32", "float16")
-BACKENDS = ("faiss", "milvus")
+DTYPES = ("auto", *PRECISIONS)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -44,7 +43,7 @@ def _add_search_parameter_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nprobe", type=int, help="IVF indexes: inverted lists visited per query (FAISS default 1)")
     parser.add_argument("--ef_search", type=int, help="HNSW indexes: search breadth efSearch (FAISS default 16)")
     parser.add_argument(
-        "--faiss_device", choices=("auto", "cpu", "gpu"), default="auto",
+        "--faiss_device", choices=FAISS_DEVICES, default="auto",
         help="where FAISS searches: auto = all visible GPUs if this FAISS build has GPU support (default: %(default)s)",
     )
 
@@ -135,7 +134,7 @@ def _run_features(args: argparse.Namespace) -> int:
     from vitp.retrieval.embedding_store import is_store_path
     from vitp.retrieval.extract import extract_features
     from vitp.retrieval.extract.store import check_store_output, partial_directory
-    from vitp.tensor_io import check_output_path
+    from vitp.files import check_output_path
 
     output = Path(args.output)
     # Before the model is loaded and any image embedded.
@@ -372,7 +371,7 @@ def _run_search(args: argparse.Namespace) -> int:
     from vitp.retrieval.index import RetrievalIndex
     from vitp.retrieval.pictures import picture_format
     from vitp.retrieval.search import SearchError, check_show, embed_queries, output_format, search_index
-    from vitp.tensor_io import check_output_path
+    from vitp.files import check_output_path
 
     # Refuse bad flags before the index is loaded and any query embedded.
     search_parameters = _search_parameters(args)
@@ -476,7 +475,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from vitp.retrieval.evaluate import EvaluationError, evaluate_retrieval
     from vitp.retrieval.index import RetrievalIndex
     from vitp.retrieval.pictures import picture_format, write_class_chart
-    from vitp.tensor_io import check_output_path, write_json
+    from vitp.files import check_output_path, write_json
 
     if args.bootstrap is not None and args.bootstrap < 1:
         raise EvaluationError(f"--bootstrap must be a number of resamples >= 1, got {args.bootstrap}")
@@ -538,7 +537,7 @@ def _run_compare(args: argparse.Namespace) -> int:
     """`vitp evaluate --compare A.json B.json`: paired-bootstrap differences of two evaluations."""
     from vitp.retrieval.evaluate import EvaluationError
     from vitp.retrieval.statistics import compare, load_query_results
-    from vitp.tensor_io import check_output_path, write_json
+    from vitp.files import check_output_path, write_json
 
     given = [flag for flag, value in (("--query_features", args.query_features), ("--gallery_features", args.gallery_features),
                                       ("--index", args.index), ("--plot", args.plot)) if value]

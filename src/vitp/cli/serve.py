@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from vitp.cli.retrieval import DEVICES_HELP, DTYPES
+from vitp.options import FAISS_DEVICES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="auto", help=f"where the ViT runs: {DEVICES_HELP}")
     parser.add_argument("--dtype", choices=DTYPES,
                         help="ViT precision (default: the gallery's)")
-    parser.add_argument("--faiss_device", choices=("auto", "cpu", "gpu"), default="auto",
+    parser.add_argument("--faiss_device", choices=FAISS_DEVICES, default="auto",
                         help="where FAISS searches (default: %(default)s)")
     parser.add_argument("--max_upload_mb", type=float, default=32.0,
                         help="largest query upload in MiB (default: %(default)s)")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-DTYPES = {"keep": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+from vitp.options import PRECISIONS
+
+DTYPES = {"keep": None, **PRECISIONS}
 EXPORT_FORMS = ("vitp+hf", "vitp", "hf", "internvit")  # vitp.train.export.EXPORT_FORMATS, without importing torch
 
 

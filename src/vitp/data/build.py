@@ -32,9 +32,9 @@ from typing import Any
 from vitp.progress import progress as progress_counter
 
 from vitp.data.images import ImageError, iter_image_files, load_image
-from vitp.data.meta import IMAGE_PLACEHOLDER, MetaError, load_meta_json
-from vitp.errors import VitpError
-from vitp.tensor_io import write_json, write_text
+from vitp.data.meta import IMAGE_PLACEHOLDER, load_meta_json
+from vitp.errors import DataError
+from vitp.files import write_json, write_text
 
 NAME_QUESTIONS = (
     "What kind of scene is shown in this image?",
@@ -71,10 +71,6 @@ ATTRIBUTE_ANSWERS = ("{value}.", "The {attribute} is {value}.", "About {value}."
 SPLITS = ("", "_holdout")  # file name suffixes: <name><split>.jsonl and meta<split>.json
 
 
-class BuildError(VitpError):
-    pass
-
-
 @dataclass
 class BuildResult:
     files: list[Path]
@@ -85,7 +81,7 @@ class BuildResult:
     unmatched_metadata: int = 0
     holdout_per_class: dict[str, int] = field(default_factory=dict)
     dropped_classes: list[str] = field(default_factory=list)  # folders none of whose images could be read
-    without_metadata: int = 0  # images that no metadata row names (only counted with --metadata)
+    without_metadata: int = 0  # images that no metadata row names (only counted with metadata)
     missing_metadata_values: int = 0  # blank, NaN or null values: no question is asked about them
     removed: list[Path] = field(default_factory=list)  # split files of an earlier build, no longer written
     notes: list[str] = field(default_factory=list)  # lines for the summary, beyond the counts above
@@ -149,7 +145,7 @@ def read_metadata(path: Path) -> Metadata:
     (blank, NaN, null) are skipped, and counted: real measurements have gaps, and a gap simply
     means no question about that attribute."""
     if path.suffix.lower() not in (".csv", ".json"):
-        raise BuildError(f"{path}: metadata must be a .csv or a .json file")
+        raise DataError(f"{path}: metadata must be a .csv or a .json file")
     text = _read_text(path)
     problems: list[str] = []
     read_entries = _csv_entries if path.suffix.lower() == ".csv" else _json_entries
@@ -158,7 +154,7 @@ def read_metadata(path: Path) -> Metadata:
     if problems:
         shown = "\n  ".join(problems[:MAX_PROBLEMS_SHOWN])
         more = f"\n  ... and {len(problems) - MAX_PROBLEMS_SHOWN} more" if len(problems) > MAX_PROBLEMS_SHOWN else ""
-        raise BuildError(f"{path}: {len(problems)} problem(s) in the metadata, nothing written:\n  {shown}{more}")
+        raise DataError(f"{path}: {len(problems)} problem(s) in the metadata, nothing written:\n  {shown}{more}")
     return metadata
 
 
@@ -167,15 +163,15 @@ def _read_text(path: Path) -> str:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise BuildError(f"{path}: metadata file not found") from None
+        raise DataError(f"{path}: metadata file not found") from None
     except OSError as err:
-        raise BuildError(f"{path}: cannot read the metadata file ({err.strerror or err})") from None
+        raise DataError(f"{path}: cannot read the metadata file ({err.strerror or err})") from None
     raw = raw.removeprefix(b"\xef\xbb\xbf")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
-        raise BuildError(
+        raise DataError(
             f"{path}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x}); save the file as UTF-8 (Excel: 'CSV UTF-8')"
         ) from None
 
@@ -199,17 +195,17 @@ def _csv_entries(path: Path, text: str, problems: list[str]) -> list[_Entry]:
             entries.append(_Entry(where, image, {name: _csv_value(cell) for name, cell in cells.items()}, "column"))
         return entries
     except csv.Error as err:
-        raise BuildError(f"{path}:{reader.line_num}: not readable as CSV ({err})") from None
+        raise DataError(f"{path}:{reader.line_num}: not readable as CSV ({err})") from None
 
 
 def _check_header(path: Path, header: list[str]) -> None:
     if "image" not in header:
-        raise BuildError(f"{path}:1: the CSV header needs an 'image' column (found {header})")
+        raise DataError(f"{path}:1: the CSV header needs an 'image' column (found {header})")
     for number, name in enumerate(header, start=1):
         if not name:
-            raise BuildError(f"{path}:1: column {number} of the header has no name")
+            raise DataError(f"{path}:1: column {number} of the header has no name")
         if header.index(name) != number - 1:
-            raise BuildError(f"{path}:1: column '{name}' appears twice in the header")
+            raise DataError(f"{path}:1: column '{name}' appears twice in the header")
 
 
 def _csv_value(text: str) -> Any:
@@ -232,13 +228,13 @@ def _json_entries(path: Path, text: str, problems: list[str]) -> list[_Entry]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
-        raise BuildError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
+        raise DataError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
     if isinstance(value, dict):
         pairs = list(value.items())
     elif isinstance(value, list):
         pairs = _json_list_pairs(path, value, problems)
     else:
-        raise BuildError(f"{path}: expected a list of objects with 'image', or an object {{image: attributes}}; "
+        raise DataError(f"{path}: expected a list of objects with 'image', or an object {{image: attributes}}; "
                          f"found {_json_type(value)}")
     entries = []
     for image, attributes in pairs:
@@ -340,7 +336,7 @@ def collect_classes(image_dir: Path) -> dict[str, list[Path]]:
             continue
         classes.setdefault(relative.parts[0], []).append(path)
     if loose:
-        raise BuildError(
+        raise DataError(
             f"{image_dir}: {len(loose)} image(s) are not inside a class folder (e.g. {loose[0]}); "
             f"expected {image_dir}/<class>/<image>"
         )
@@ -352,7 +348,7 @@ def require_two_classes(image_dir: Path, classes: dict[str, list[Path]], dropped
     if len(classes) >= 2:
         return
     why = f" ({', '.join(dropped)} dropped: none of their images could be read)" if dropped else ""
-    raise BuildError(f"{image_dir}: found {len(classes)} class folder(s) with usable images{why}; "
+    raise DataError(f"{image_dir}: found {len(classes)} class folder(s) with usable images{why}; "
                      "instruction data needs at least 2 classes")
 
 
@@ -409,7 +405,7 @@ def holdout_note(classes: dict[str, list[Path]], per_class: dict[str, int], frac
     if exact:  # also with fraction 0: nothing held out, as asked
         return []
     counts = ", ".join(f"{label} {count} of {len(classes[label])}" for label, count in per_class.items())
-    return [f"held out per class: {counts} (--holdout_fraction {fraction} rounded down; "
+    return [f"held out per class: {counts} (holdout_fraction {fraction} rounded down; "
             "every class keeps at least one training image)"]
 
 
@@ -427,7 +423,7 @@ def previous_split_files(output_dir: Path, name: str) -> set[Path]:
 def _vitp_annotations(meta_path: Path, split: str) -> set[Path]:
     try:
         meta = load_meta_json(meta_path)  # a JSON object with at least one entry
-    except MetaError:
+    except DataError:
         return set()
     if len(meta) != 1:
         return set()
@@ -518,9 +514,9 @@ def build_instructions(
 ) -> BuildResult:
     image_dir, output_dir = Path(image_dir).resolve(), Path(output_dir)
     if not image_dir.is_dir():
-        raise BuildError(f"{image_dir}: not a directory")
+        raise DataError(f"{image_dir}: not a directory")
     if not 0.0 <= holdout_fraction < 1.0:
-        raise BuildError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
+        raise DataError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
     name = name or image_dir.name
     classes = collect_classes(image_dir)
     read = read_metadata(Path(metadata)) if metadata else Metadata({})

@@ -20,10 +20,8 @@ from vitp.progress import progress as progress_counter
 from vitp.data.dataset import DataSettings, open_sample_image, tile_budget
 from vitp.data.images import count_tiles
 from vitp.data.meta import (
-    DataError,
     DatasetSpec,
     JsonlIndex,
-    MetaError,
     SampleError,
     dataset_spec,
     epoch_indices,
@@ -34,30 +32,27 @@ from vitp.data.meta import (
     with_image_placeholder,
 )
 from vitp.data.templates import ConversationTokenizer, TemplateError, truncation_problem
-
-
-class DataSettingsError(DataError):
-    """Data settings (tile size, tile counts, sequence length) that cannot build a single sample."""
+from vitp.errors import ConfigError, DataError
 
 
 def validate_image_geometry(force_image_size: int, patch_size: int | None = None,
                             down_sample_ratio: float | None = None) -> None:
     """The tile size must be positive and a whole number of ViT patches, and a tile must become at
-    least one image token; DataSettingsError otherwise. Checked before the token count is computed."""
+    least one image token; ConfigError otherwise. Checked before the token count is computed."""
     if force_image_size < 1:
-        raise DataSettingsError(f"--force_image_size must be a positive number of pixels, got {force_image_size}")
+        raise ConfigError(f"force_image_size must be a positive number of pixels, got {force_image_size}")
     if patch_size is None:
         return
     if patch_size < 1:
-        raise DataSettingsError(f"--patch_size must be a positive number of pixels, got {patch_size}")
+        raise ConfigError(f"patch_size must be a positive number of pixels, got {patch_size}")
     if force_image_size % patch_size:
         below, above = (force_image_size // patch_size) * patch_size, (force_image_size // patch_size + 1) * patch_size
         nearest = f"{below} or {above}" if below else str(above)
-        raise DataSettingsError(
-            f"--force_image_size {force_image_size} is not a multiple of the patch size {patch_size} (try {nearest})"
+        raise ConfigError(
+            f"force_image_size {force_image_size} is not a multiple of the patch size {patch_size} (try {nearest})"
         )
     if down_sample_ratio is not None and not 0 < down_sample_ratio <= 1:
-        raise DataSettingsError(f"--down_sample_ratio must be in (0, 1], got {down_sample_ratio}")
+        raise ConfigError(f"down_sample_ratio must be in (0, 1], got {down_sample_ratio}")
 
 
 def validate_data_settings(settings: DataSettings, patch_size: int | None = None,
@@ -66,27 +61,27 @@ def validate_data_settings(settings: DataSettings, patch_size: int | None = None
     ``patch_size`` (the ViT's, when known) and ``specs`` (their per-dataset max_dynamic_patch) add checks."""
     validate_image_geometry(settings.force_image_size, patch_size)
     if settings.num_image_token < 1:
-        raise DataSettingsError(f"a {settings.force_image_size}px tile would become {settings.num_image_token} image "
-                                "tokens; use a larger --force_image_size or --down_sample_ratio")
+        raise ConfigError(f"a {settings.force_image_size}px tile would become {settings.num_image_token} image "
+                                "tokens; use a larger force_image_size or down_sample_ratio")
     if settings.min_dynamic_patch < 1:
-        raise DataSettingsError(f"--min_dynamic_patch must be at least 1, got {settings.min_dynamic_patch}")
+        raise ConfigError(f"min_dynamic_patch must be at least 1, got {settings.min_dynamic_patch}")
     if settings.max_dynamic_patch < settings.min_dynamic_patch:
-        raise DataSettingsError(f"--max_dynamic_patch {settings.max_dynamic_patch} is below "
-                                f"--min_dynamic_patch {settings.min_dynamic_patch}")
+        raise ConfigError(f"max_dynamic_patch {settings.max_dynamic_patch} is below "
+                                f"min_dynamic_patch {settings.min_dynamic_patch}")
     if settings.max_seq_length < 1:
-        raise DataSettingsError(f"--max_seq_length must be at least 1, got {settings.max_seq_length}")
+        raise ConfigError(f"max_seq_length must be at least 1, got {settings.max_seq_length}")
     for spec in specs:
         problem = dataset_patch_problem(spec, settings)
         if problem:
-            raise DataSettingsError(problem)
+            raise ConfigError(problem)
 
 
 def dataset_patch_problem(spec: DatasetSpec, settings: DataSettings) -> str | None:
-    """A dataset's own max_dynamic_patch below the global --min_dynamic_patch leaves no tile grid."""
+    """A dataset's own max_dynamic_patch below the global min_dynamic_patch leaves no tile grid."""
     own = spec.max_dynamic_patch
     if own is not None and settings.dynamic_image_size and own < settings.min_dynamic_patch:
         return (f"dataset {spec.name!r}: its max_dynamic_patch {own} is below "
-                f"--min_dynamic_patch {settings.min_dynamic_patch}")
+                f"min_dynamic_patch {settings.min_dynamic_patch}")
     return None
 
 
@@ -166,7 +161,7 @@ def _check_entry(
         problem(message)
     try:
         spec = dataset_spec(meta_path, name, entry)
-    except MetaError as err:
+    except DataError as err:
         problem(str(err))
         return DatasetCounts(name)
     patch_problem = dataset_patch_problem(spec, settings)

@@ -29,7 +29,16 @@ from vitp.data.images import (
     jpeg_reencode,
     load_image,
 )
-from vitp.data.meta import DatasetSpec, JsonlIndex, MetaError, Sample, SampleError, epoch_indices, image_path, with_image_placeholder
+from vitp.data.meta import (
+    DatasetSpec,
+    JsonlIndex,
+    Sample,
+    SampleError,
+    epoch_indices,
+    image_path,
+    with_image_placeholder,
+)
+from vitp.errors import DataError
 from vitp.data.templates import (
     IGNORE_INDEX,
     ConversationTokenizer,
@@ -180,7 +189,7 @@ class InstructionDataset(Dataset):
             item["dropped"] = dropped
             return item
         reasons = "; ".join(f"{where}: {reason}" for where, _, reason in dropped[:3])
-        raise MetaError(
+        raise DataError(
             f"{MAX_REPLACEMENT_DRAWS + 1} samples in a row were unusable (the line asked for and "
             f"{MAX_REPLACEMENT_DRAWS} drawn at random): most of the data is bad, e.g. {reasons}. "
             f"`vitp data check META.json` lists every problem."
@@ -285,8 +294,8 @@ class Collator:
 
     Returns ``input_ids``/``labels``/``attention_mask``/``loss_weight`` (batch, longest),
     ``pixel_values`` (tiles, 3, H, W), ``num_tiles`` (batch,), ``classify`` ((row, ClassifyTarget) of
-    the choice questions), plus ``where`` (file:line of each sample) and ``dropped``: (file:line, kind,
-    reason) of lines skipped while building the batch.
+    the choice questions), plus ``dropped``: (file:line, kind, reason) of lines skipped while building
+    the batch.
     """
 
     def __init__(self, pad_token_id: int, loss_reduction: str = "token"):
@@ -316,6 +325,5 @@ class Collator:
             "pixel_values": torch.cat([sample["pixel_values"] for sample in samples]),
             "num_tiles": torch.tensor([sample["num_tiles"] for sample in samples], dtype=torch.long),
             "classify": [(row, sample["classify"]) for row, sample in enumerate(samples) if sample.get("classify")],
-            "where": [sample["where"] for sample in samples],
             "dropped": dropped,
         }

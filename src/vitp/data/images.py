@@ -21,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
-from vitp.errors import VitpError
+from vitp.errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -31,7 +31,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 DEFAULT_MAX_PIXELS = 178_956_970
 
 
-class ImageError(VitpError):
+class ImageError(DataError):
     """An image that cannot be used; ``reason`` is a short phrase for reports, ``kind`` one of
     "unreadable", "empty", "unsupported", "too large", "corrupt"."""
 
@@ -154,14 +154,14 @@ def count_tiles(width: int, height: int, min_num: int, max_num: int, image_size:
 
 
 def dynamic_preprocess(
-    image: Image.Image, min_num: int = 1, max_num: int = 12, image_size: int = 448, use_thumbnail: bool = False
+    image: Image.Image, min_num: int, max_num: int, image_size: int, use_thumbnail: bool
 ) -> list[Image.Image]:
     """Tiles of ``image``: resized to the chosen grid, cut row-major, plus a thumbnail if more than one.
 
     ``min_num`` above ``max_num`` happens legitimately when several images share the tile budget
     (``max(1, max_dynamic_patch // n_images)``); as upstream, no grid qualifies and the image is one tile."""
     if min_num < 1 or max_num < 1:
-        raise ValueError(f"need min_dynamic_patch and max_dynamic_patch >= 1, got {min_num} and {max_num}")
+        raise ValueError(f"min_num and max_num must be >= 1, got {min_num} and {max_num}")
     columns, rows = choose_grid(*image.size, min_num, max_num, image_size)
     resized = image.resize((image_size * columns, image_size * rows), Image.BICUBIC)
     tiles = [

@@ -30,7 +30,8 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from vitp.errors import VitpError
+from vitp.errors import DataError
+from vitp.files import read_json
 
 logger = logging.getLogger("vitp")
 
@@ -39,16 +40,9 @@ ROLES = ("system", "human", "gpt")
 META_KEYS = ("root", "annotation", "data_augment", "repeat_time", "length", "max_dynamic_patch")
 
 
-class DataError(VitpError):
-    """The data as a whole cannot be used, e.g. no dataset contributes a sample to an epoch."""
-
-
-class MetaError(DataError):
-    """The meta JSON itself is wrong (a dataset cannot be used at all)."""
-
-
-class SampleError(VitpError):
-    """One JSONL line is wrong; ``where`` is ``file:line``, ``kind`` a short category for summaries."""
+class SampleError(DataError):
+    """One JSONL line is wrong: training skips it, ``vitp data check`` counts it. ``where`` is
+    ``file:line``, ``kind`` a short category for summaries."""
 
     def __init__(self, where: str, reason: str, kind: str = "invalid sample"):
         super().__init__(f"{where}: {reason}")
@@ -100,17 +94,9 @@ def read_meta(meta_path: str | Path) -> list[DatasetSpec]:
 
 
 def load_meta_json(meta_path: Path) -> dict[str, Any]:
-    try:
-        # utf-8-sig: editors on Windows save JSON with a byte-order mark, and JSONL with one is accepted too
-        meta = json.loads(meta_path.read_text(encoding="utf-8-sig"))
-    except OSError as err:
-        raise MetaError(f"{meta_path}: cannot read ({err.strerror or err})") from None
-    except UnicodeDecodeError as err:
-        raise MetaError(f"{meta_path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
-    except json.JSONDecodeError as err:
-        raise MetaError(f"{meta_path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+    meta = read_json(meta_path, DataError)
     if not isinstance(meta, dict) or not meta:
-        raise MetaError(f"{meta_path}: expected a non-empty object {{dataset name: {{root, annotation, ...}}}}")
+        raise DataError(f"{meta_path}: expected a non-empty object {{dataset name: {{root, annotation, ...}}}}")
     return meta
 
 
@@ -129,25 +115,25 @@ def unknown_key_problems(meta_path: Path, name: str, entry: Any) -> list[str]:
 
 
 def dataset_spec(meta_path: Path, name: str, entry: Any) -> DatasetSpec:
-    """One meta entry, checked (keys, types, paths), or MetaError naming the dataset and key."""
+    """One meta entry, checked (keys, types, paths), or DataError naming the dataset and key."""
     where = f"{meta_path}: dataset {name!r}"
     if not isinstance(entry, dict):
-        raise MetaError(f"{where}: expected an object with 'root' and 'annotation', found {type(entry).__name__}")
+        raise DataError(f"{where}: expected an object with 'root' and 'annotation', found {type(entry).__name__}")
     for key in ("root", "annotation"):
         if not isinstance(entry.get(key), str) or not entry[key]:
-            raise MetaError(f"{where}: missing key {key!r} (a path string)")
+            raise DataError(f"{where}: missing key {key!r} (a path string)")
     data_augment = entry.get("data_augment", False)
     if not isinstance(data_augment, bool):  # bool("false") is True: only a JSON true/false is unambiguous
-        raise MetaError(f"{where}: 'data_augment' must be true or false (a JSON boolean), found {data_augment!r}")
+        raise DataError(f"{where}: 'data_augment' must be true or false (a JSON boolean), found {data_augment!r}")
     repeat_time = _repeat_time(entry.get("repeat_time", 1), where)
     length = _optional_whole_number(entry, "length", where, minimum=0)
     max_patch = _optional_whole_number(entry, "max_dynamic_patch", where, minimum=1)
     annotation = _resolve(meta_path, entry["annotation"], where, "annotation")
     if not annotation.is_file():
-        raise MetaError(f"{where}: annotation {entry['annotation']!r} is not a file")
+        raise DataError(f"{where}: annotation {entry['annotation']!r} is not a file")
     root = _resolve(meta_path, entry["root"], where, "root")
     if not root.is_dir():
-        raise MetaError(f"{where}: root {entry['root']!r} is not a directory")
+        raise DataError(f"{where}: root {entry['root']!r} is not a directory")
     return DatasetSpec(
         name=name,
         root=root,
@@ -162,18 +148,18 @@ def dataset_spec(meta_path: Path, name: str, entry: Any) -> DatasetSpec:
 def _repeat_time(value: Any, where: str) -> float:
     """A finite positive number; above 1 a whole number of repeats (as upstream asserts)."""
     if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise MetaError(f"{where}: 'repeat_time' must be a positive number, found {value!r}")
+        raise DataError(f"{where}: 'repeat_time' must be a positive number, found {value!r}")
     try:
         number = float(value)
     except OverflowError:  # an integer beyond float range
         number = math.inf
     # json reads 1e400 as inf and accepts NaN: both would fail later, deep inside epoch_indices
     if not math.isfinite(number):
-        raise MetaError(f"{where}: 'repeat_time' must be a finite positive number, found {value!r}")
+        raise DataError(f"{where}: 'repeat_time' must be a finite positive number, found {value!r}")
     if number <= 0:
-        raise MetaError(f"{where}: 'repeat_time' must be a positive number, found {value!r}")
+        raise DataError(f"{where}: 'repeat_time' must be a positive number, found {value!r}")
     if number > 1 and not number.is_integer():
-        raise MetaError(f"{where}: 'repeat_time' above 1 must be a whole number of repeats, found {value}")
+        raise DataError(f"{where}: 'repeat_time' above 1 must be a whole number of repeats, found {value}")
     return number
 
 
@@ -183,7 +169,7 @@ def _optional_whole_number(entry: dict, key: str, where: str, minimum: int) -> i
         return None
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise MetaError(f"{where}: {key!r} must be {kind}, found {value!r}")
+        raise DataError(f"{where}: {key!r} must be {kind}, found {value!r}")
     return value
 
 
@@ -195,7 +181,7 @@ def _resolve(meta_path: Path, value: str, where: str, key: str) -> Path:
     for candidate in (beside_meta, from_cwd):
         if candidate.exists():
             return candidate.resolve()
-    raise MetaError(f"{where}: {key} {value!r} not found (looked in {meta_path.parent} and {Path.cwd()})")
+    raise DataError(f"{where}: {key} {value!r} not found (looked in {meta_path.parent} and {Path.cwd()})")
 
 
 class JsonlIndex:
@@ -395,22 +381,15 @@ def require_samples_per_epoch(specs: Sequence[DatasetSpec], line_counts: Iterabl
 def json_list_to_jsonl(source: str | Path, destination: str | Path) -> int:
     """Upstream's ``tools/json2jsonl.py``: a JSON list of samples written as JSONL, each with ``id`` set
     to its index and non-ASCII text kept as is. Unlike upstream, a leading system turn is kept (vitp
-    trains with it as the sample's system message). Returns the number of samples; MetaError for a
+    trains with it as the sample's system message). Returns the number of samples; DataError for a
     file that is not a JSON list of objects (naming the index of the first bad item)."""
     source, destination = Path(source), Path(destination)
-    try:
-        items = json.loads(source.read_text(encoding="utf-8-sig"))
-    except OSError as err:
-        raise MetaError(f"{source}: cannot read ({err.strerror or err})") from None
-    except UnicodeDecodeError as err:
-        raise MetaError(f"{source}: not UTF-8 text (byte {err.start}: {err.reason})") from None
-    except json.JSONDecodeError as err:
-        raise MetaError(f"{source}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+    items = read_json(source, DataError)
     if not isinstance(items, list):
-        raise MetaError(f"{source}: expected a JSON list of samples, found {type(items).__name__}")
+        raise DataError(f"{source}: expected a JSON list of samples, found {type(items).__name__}")
     for index, item in enumerate(items):
         if not isinstance(item, dict):
-            raise MetaError(f"{source}: item {index} is a {type(item).__name__}, not a sample object")
+            raise DataError(f"{source}: item {index} is a {type(item).__name__}, not a sample object")
     partial = destination.with_name(destination.name + ".partial")
     with open(partial, "w", encoding="utf-8") as handle:
         for index, item in enumerate(items):

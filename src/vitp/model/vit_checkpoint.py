@@ -32,9 +32,10 @@ from vitp.model.formats.vit import (
     config_to_hf,
     config_to_internvit,
 )
+from vitp.files import write_json
 from vitp.model.vision import PRESETS, InternViT, VisionConfig
 from vitp.model.weights import dominant_dtype, read_state
-from vitp.tensor_io import TensorSource, find_directory_weights, open_tensor_source, read_json, save_safetensors, write_json
+from vitp.tensor_io import TensorSource, find_directory_weights, open_tensor_source, read_json, save_safetensors
 
 logger = logging.getLogger("vitp")
 
@@ -211,7 +212,7 @@ def infer_config(checkpoint: Checkpoint) -> VisionConfig:
             return preset
     raise WeightFormatError(
         f"{where}: no config saved with the weights, and its shapes ({shape}) match no preset, so the number "
-        f"of attention heads is unknown. Pass a config (--vit_config JSON or preset name with --num_heads)"
+        f"of attention heads is unknown. Pass a config (vit_config JSON or preset name with num_heads)"
     )
 
 

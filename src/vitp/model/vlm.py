@@ -139,7 +139,6 @@ class VisionLanguageModel(nn.Module):
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None,
         num_tiles: torch.Tensor | None = None,
-        where: Sequence[str] | None = None,
         image_flags: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token embeddings with every <IMG_CONTEXT> replaced, in order, by the projected image tokens.
@@ -158,13 +157,15 @@ class VisionLanguageModel(nn.Module):
         else:
             features = embeds.new_zeros(0, self.vlm_config.num_image_token, embeds.shape[-1])
         real = features if image_flags is None else features[image_flags.bool()]
-        self._check_image_token_counts(image_mask, real.shape[0], num_tiles, where)
+        self._check_image_token_counts(image_mask, real.shape[0], num_tiles)
         embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), real)
         if real.shape[0] < features.shape[0]:  # padding tiles: zero weight, but a gradient path
             embeds = embeds + 0.0 * features.sum()
         return embeds
 
-    def _check_image_token_counts(self, image_mask, tiles: int, num_tiles, where) -> None:
+    def _check_image_token_counts(self, image_mask, tiles: int, num_tiles) -> None:
+        """A guard for callers that build batches themselves; vitp's dataset refuses a sample whose
+        text and images do not match at its file:line before it reaches a batch."""
         per_tile = self.vlm_config.num_image_token
         found = image_mask.sum(dim=1)
         if num_tiles is None:  # no per-row tile counts: check the batch total only
@@ -175,9 +176,8 @@ class VisionLanguageModel(nn.Module):
             return
         expected = num_tiles.to(found.device) * per_tile
         for row in (found != expected).nonzero(as_tuple=True)[0].tolist():
-            name = where[row] if where else f"sample {row} of the batch"
             raise ValueError(
-                f"{name}: {int(found[row])} <IMG_CONTEXT> tokens for {int(num_tiles[row])} tile(s) x {per_tile} "
+                f"row {row} of the batch: {int(found[row])} <IMG_CONTEXT> tokens for {int(num_tiles[row])} tile(s) x {per_tile} "
                 f"tokens; the text and the images of this sample do not match"
             )
 
@@ -195,7 +195,6 @@ class VisionLanguageModel(nn.Module):
         pixel_values: torch.Tensor | None = None,
         num_tiles: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        where: Sequence[str] | None = None,
         position_ids: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
         image_flags: torch.Tensor | None = None,
@@ -213,7 +212,7 @@ class VisionLanguageModel(nn.Module):
         not given), divided by ``num_items_in_batch`` (the weights of the whole optimizer step; of this
         batch if None), plus the choice loss of ``classify`` ((row, target) of each choice question)
         divided by ``num_samples_in_batch`` (the samples of the step; of this batch if None)."""
-        embeds = self.embed_inputs(input_ids, pixel_values, num_tiles, where, image_flags)
+        embeds = self.embed_inputs(input_ids, pixel_values, num_tiles, image_flags)
         image_mask = input_ids == self.vlm_config.image_token_id
         packed = segment_ids is not None
         augment = self.training and (self.tmaug.active or self.tsaug_prob > 0)

@@ -14,10 +14,11 @@
 * :mod:`~vitp.retrieval.pictures`         contact sheets and per-class charts
 """
 
+from vitp.errors import RetrievalError
 from vitp.retrieval.embedding_store import EmbeddingStore, open_gallery
 from vitp.retrieval.evaluate import EvaluationReport, evaluate_retrieval
 from vitp.retrieval.extract import extract_features, load_feature_model
-from vitp.retrieval.feature_file import FeatureSet, IncompatibleFeaturesError, load_features, save_features
+from vitp.retrieval.feature_file import FeatureSet, load_features, save_features
 from vitp.retrieval.index import RetrievalIndex
 from vitp.retrieval.rerank import weighted_expansion
 from vitp.retrieval.search import SearchResults, embed_queries, search_index
@@ -26,7 +27,7 @@ __all__ = [
     "EmbeddingStore",
     "EvaluationReport",
     "FeatureSet",
-    "IncompatibleFeaturesError",
+    "RetrievalError",
     "RetrievalIndex",
     "SearchResults",
     "embed_queries",

@@ -17,7 +17,6 @@ vectors stay on disk and are read in chunks (:meth:`EmbeddingStore.chunks`) or b
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections import OrderedDict
@@ -27,22 +26,17 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from vitp.retrieval.feature_file import (
-    FeatureFileError,
-    FeatureSet,
-    check_vectors,
-    load_features,
-    refuse_duplicate_paths,
-)
+from vitp.errors import RetrievalError
+from vitp.files import atomic_path, read_json, write_json
+from vitp.options import STORE_DTYPES
+from vitp.retrieval.feature_file import FeatureSet, check_vectors, load_features, refuse_duplicate_paths
 from vitp.retrieval.rerank import l2_normalise
-from vitp.tensor_io import atomic_path, write_json
 
 logger = logging.getLogger("vitp")
 
 STORE_FORMAT = "vitp-embedding-store"
 STORE_VERSION = 1
 STORE_MANIFEST = "store.json"
-STORE_DTYPES = ("float32", "float16")
 METADATA_COLUMNS = ("image_path", "label", "size", "mtime_ns", "row")
 # Rows read at a time by default: 64 Ki rows of 1024 float32 = 256 MiB.
 DEFAULT_CHUNK_ROWS = 65536
@@ -142,7 +136,7 @@ class EmbeddingStore:
             partial = directory.with_name(directory.name + ".partial")
             hint = (f"; {partial} holds an unfinished extraction: run the same `vitp features` command again to "
                     f"finish it" if partial.is_dir() else "")
-            raise FeatureFileError(f"{directory}: not a finished embedding store (no {STORE_MANIFEST}){hint}")
+            raise RetrievalError(f"{directory}: not a finished embedding store (no {STORE_MANIFEST}){hint}")
         manifest = _read_manifest(manifest_path)
         dimension, dtype = manifest["dimension"], manifest["dtype"]
         names, rows = [shard["name"] for shard in manifest["shards"]], [shard["rows"] for shard in manifest["shards"]]
@@ -154,9 +148,9 @@ class EmbeddingStore:
                 shape, stored_dtype = _npy_header(vectors_path)
                 table = pq.read_table(metadata_path, columns=["image_path", "label"])
             except (OSError, ValueError) as err:
-                raise FeatureFileError(f"{directory}: damaged store: shard {name}: {err}") from None
+                raise RetrievalError(f"{directory}: damaged store: shard {name}: {err}") from None
             if shape != (count, dimension) or stored_dtype != np.dtype(dtype) or table.num_rows != count:
-                raise FeatureFileError(
+                raise RetrievalError(
                     f"{directory}: damaged store: shard {name} holds {shape} {stored_dtype} vectors and {table.num_rows} "
                     f"metadata rows; {STORE_MANIFEST} says {count} x {dimension} {dtype}"
                 )
@@ -165,7 +159,7 @@ class EmbeddingStore:
         image_paths = np.concatenate(paths) if paths else np.array([], dtype=str)
         refuse_duplicate_paths(image_paths, directory)
         if not len(image_paths):
-            raise FeatureFileError(f"{directory}: the store holds no vectors")
+            raise RetrievalError(f"{directory}: the store holds no vectors")
         offsets = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
         return cls(directory, manifest["settings"], dtype, names, offsets, image_paths, np.concatenate(labels), dimension)
 
@@ -209,7 +203,7 @@ class EmbeddingStore:
             count = int(last - first)
             data = os.pread(descriptor, count * row_bytes, data_offset + int(rows[first]) * row_bytes)
             if len(data) != count * row_bytes:
-                raise FeatureFileError(f"{self.directory}: shard {self.shard_names[shard]} is shorter than its header says")
+                raise RetrievalError(f"{self.directory}: shard {self.shard_names[shard]} is shorter than its header says")
             out[first:last] = np.frombuffer(data, dtype=self.dtype).reshape(count, self.dimension)
         return out
 
@@ -224,7 +218,7 @@ class EmbeddingStore:
                     data_offset = handle.tell()
                 descriptor = os.open(path, os.O_RDONLY)
             except (OSError, ValueError) as err:
-                raise FeatureFileError(f"{self.directory}: cannot read shard {path.name} ({err})") from None
+                raise RetrievalError(f"{self.directory}: cannot read shard {path.name} ({err})") from None
             opened = self._opened[number] = (descriptor, data_offset)
             if len(self._opened) > _OPEN_SHARDS:
                 os.close(self._opened.popitem(last=False)[1][0])
@@ -289,14 +283,11 @@ _MANIFEST_FIELDS = {"settings": (dict, type(None)), "dtype": (str,), "dimension"
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise FeatureFileError(f"{path}: unreadable ({err})") from None
+    manifest = read_json(path, RetrievalError)
     if not isinstance(manifest, dict) or manifest.get("format") != STORE_FORMAT:
-        raise FeatureFileError(f"{path}: not a vitp embedding store manifest")
+        raise RetrievalError(f"{path}: not a vitp embedding store manifest")
     if manifest.get("version") != STORE_VERSION:
-        raise FeatureFileError(f"{path}: store version {manifest.get('version')!r}; this vitp reads version {STORE_VERSION}")
+        raise RetrievalError(f"{path}: store version {manifest.get('version')!r}; this vitp reads version {STORE_VERSION}")
     wrong = [key for key, types in _MANIFEST_FIELDS.items() if not isinstance(manifest.get(key), types)]
     if not wrong and manifest["dtype"] not in STORE_DTYPES:
         wrong.append(f"dtype {manifest['dtype']!r}")
@@ -305,5 +296,5 @@ def _read_manifest(path: Path) -> dict[str, Any]:
            for s in shards):
         wrong.append("shards (each needs a name and a whole number of rows)")
     if wrong:
-        raise FeatureFileError(f"damaged store: {path}: {', '.join(wrong)}")
+        raise RetrievalError(f"damaged store: {path}: {', '.join(wrong)}")
     return manifest

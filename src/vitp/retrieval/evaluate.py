@@ -23,20 +23,19 @@ from typing import Any
 
 import numpy as np
 
-from vitp.errors import VitpError
+from vitp.errors import RetrievalError
 from vitp.retrieval import metrics
 from vitp.retrieval.feature_file import FeatureSet
 from vitp.retrieval.index import RetrievalIndex, check_query_expansion, count_short_results
 from vitp.retrieval.statistics import Bootstrap, QueryResults, bootstrap, class_balanced_mean
 
+# The name the command line raises for the flags it checks itself.
+EvaluationError = RetrievalError
+
 logger = logging.getLogger("vitp")
 
 # How an empty label (an image path without a folder) is shown among the excluded queries.
 NO_CLASS = "(no class)"
-
-
-class EvaluationError(VitpError):
-    """An evaluation that cannot be run as asked."""
 
 
 @dataclass
@@ -56,7 +55,7 @@ class EvaluationReport:
     leave_one_out: bool
     index_description: str
     query_expansion: dict[str, Any] | None
-    self_matches: int = 0  # queries that are also in the gallery, without --leave_one_out
+    self_matches: int = 0  # queries that are also in the gallery, without leave_one_out
     notes: list[str] = field(default_factory=list)
     per_query: QueryResults | None = None  # Top-K hits and AP of each evaluated query
     intervals: Bootstrap | None = None  # bootstrap intervals, when asked for
@@ -130,7 +129,7 @@ class EvaluationReport:
         if self.self_matches:
             lines.append(
                 f"warning: {self.self_matches} query images are also in the gallery (same path) and will find "
-                f"themselves; pass --leave_one_out if the query set is (part of) the gallery"
+                f"themselves; pass leave_one_out if the query set is (part of) the gallery"
             )
         lines.extend(self.notes)
         return lines
@@ -191,7 +190,7 @@ def require_two_classes(labels: np.ndarray, name: str) -> None:
     detail = ""
     if unlabelled:
         detail = f"; {unlabelled} of its {len(labels)} images have no class (no parent folder in their path)"
-    raise EvaluationError(
+    raise RetrievalError(
         f"{name} has {found}{detail}: with fewer than 2 classes every result counts as a match, so Top-K accuracy "
         f"and mAP would be perfect whatever the features are, and meaningless. The class of an image is the name of "
         f"its folder: put each class's images in a folder of its own (at least 2 classes) and run `vitp features` again"
@@ -230,12 +229,12 @@ def evaluate_retrieval(
     ``bootstrap_resamples`` > 0 adds intervals (:func:`vitp.retrieval.statistics.bootstrap`, ``seed``)."""
     top_k = sorted(set(int(k) for k in top_k))
     if not top_k or top_k[0] < 1:
-        raise EvaluationError(f"--top_k values must be >= 1, got {top_k}")
-    check_query_expansion(qe_k)  # before the (possibly long) build; --dba is checked by the build
+        raise RetrievalError(f"top_k values must be >= 1, got {top_k}")
+    check_query_expansion(qe_k)  # before the (possibly long) build; dba is checked by the build
 
     if index is None:
         if gallery is None:
-            raise EvaluationError("give the gallery as --gallery_features or --index")
+            raise RetrievalError("give the gallery as gallery_features or index")
         require_two_classes(gallery.labels, f"gallery {gallery.source}")
         index = RetrievalIndex.build(
             gallery, factory, pca_dimensions=pca_dimensions, whiten=whiten, pca_fit=pca_fit, dba_k=dba_k,
@@ -245,25 +244,25 @@ def evaluate_retrieval(
     else:
         require_two_classes(index.labels, index.name)
         if pca_dimensions is not None or whiten or dba_k or pca_fit is not None or factory != "Flat":
-            raise EvaluationError(
-                "--factory/--pca/--whiten/--pca_fit/--dba shape the gallery's index, so they are set when it is built "
-                "(`vitp index build`); with --index they come from the index"
+            raise RetrievalError(
+                "factory/pca/whiten/pca_fit/dba shape the gallery's index, so they are set when it is built "
+                "(`vitp index build`); with index they come from the index"
             )
         if search_parameters:
             index.set_search_parameters(search_parameters)
     if queries is None:
         if gallery is None:
-            raise EvaluationError("give --query_features (or --leave_one_out with the gallery's features as queries)")
+            raise RetrievalError("give query_features (or leave_one_out with the gallery's features as queries)")
         if not leave_one_out:
-            raise EvaluationError("without --query_features, the gallery is the query set: pass --leave_one_out")
+            raise RetrievalError("without query_features, the gallery is the query set: pass leave_one_out")
         queries = gallery if isinstance(gallery, FeatureSet) else gallery.load()  # an embedding store: every query in memory
     index.check_queries(queries.settings, queries.dimension, f"query features {queries.source}")
 
     exclude = self_ids_by_path(queries.image_paths, index.image_paths)
     in_gallery = int((exclude >= 0).sum())
     if leave_one_out and in_gallery == 0:
-        raise EvaluationError(
-            f"--leave_one_out: none of the {len(queries)} query images is in the gallery (matched by path); "
+        raise RetrievalError(
+            f"leave_one_out: none of the {len(queries)} query images is in the gallery (matched by path); "
             f"leave-one-out is for a query set that is (part of) the gallery"
         )
 
@@ -274,7 +273,7 @@ def evaluate_retrieval(
     answerable = (relevant > 0) & labelled
     excluded = Counter(str(classes[c]) or NO_CLASS for c in query_classes[~answerable])
     if not answerable.any():
-        raise EvaluationError(_nothing_to_evaluate(queries, index, leave_one_out, labelled))
+        raise RetrievalError(_nothing_to_evaluate(queries, index, leave_one_out, labelled))
 
     selected = np.flatnonzero(answerable)
     query_vectors = index.prepare_queries(queries.features[selected])
@@ -340,7 +339,7 @@ def _nothing_to_evaluate(
     only_themselves = [name for name in query_classes if name in gallery_classes]
     if leave_one_out and only_themselves:
         return (
-            f"no query can be evaluated: with --leave_one_out each query's own image is removed, and in the classes "
+            f"no query can be evaluated: with leave_one_out each query's own image is removed, and in the classes "
             f"of the queries ({', '.join(only_themselves[:10])}) that image is the class's only one in the gallery; "
             f"each class needs at least 2 images"
         )
@@ -357,7 +356,7 @@ def _short_result_notes(ids: np.ndarray, expected: int, index: RetrievalIndex) -
         return []
     return [
         f"warning: {short} of {len(ids)} queries got fewer than {expected} results from {index.describe()}; the "
-        f"missing ranks count as misses (raise --nprobe for an IVF index, --ef_search for HNSW)"
+        f"missing ranks count as misses (raise nprobe for an IVF index, ef_search for HNSW)"
     ]
 
 

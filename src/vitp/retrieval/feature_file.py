@@ -7,7 +7,7 @@ Layout (every member a plain array, readable with ``np.load(path)`` and no pickl
 * ``image_paths``  str [N]
 * ``labels``       str [N], the parent folder's name (the class)
 * ``settings``     str, a JSON object: the model's fingerprint and config, the layer, pooling, image
-  size, dtype, ... (see :func:`vitp.retrieval.features.extraction_settings`)
+  size, dtype, ... (see :func:`vitp.retrieval.extract.embedder.extraction_settings`)
 
 Files written by the seed script (no ``labels``, no ``settings``) are read too: labels come from the
 parent folder, as the seed does, and compatibility cannot be checked (a warning says so).
@@ -29,8 +29,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from vitp.errors import VitpError
-from vitp.tensor_io import atomic_path
+from vitp.errors import RetrievalError
+from vitp.files import atomic_path
 
 logger = logging.getLogger("vitp")
 
@@ -41,14 +41,6 @@ COMPATIBILITY_KEYS = ("model_fingerprint", "layer", "pool", "image_size")
 _NORM_TOLERANCE = 1e-3
 # Bytes of float64 rows whose norms are computed at a time.
 _NORM_CHUNK_BYTES = 8 * 2**20
-
-
-class FeatureFileError(VitpError):
-    """A features file that cannot be read or does not hold what vitp expects."""
-
-
-class IncompatibleFeaturesError(VitpError):
-    """Two sets of features that come from different models, layers, poolings or image sizes."""
 
 
 @dataclass
@@ -63,11 +55,11 @@ class FeatureSet:
 
     def __post_init__(self) -> None:
         if self.features.ndim != 2:
-            raise FeatureFileError(f"{self.source}: 'features' must be 2-D [N, D], got shape {self.features.shape}")
+            raise RetrievalError(f"{self.source}: 'features' must be 2-D [N, D], got shape {self.features.shape}")
         count = len(self.features)
         for name in ("image_paths", "labels"):
             if len(getattr(self, name)) != count:
-                raise FeatureFileError(
+                raise RetrievalError(
                     f"{self.source}: '{name}' has {len(getattr(self, name))} entries but 'features' has {count} rows"
                 )
 
@@ -133,18 +125,18 @@ def load_features(path: Path | str) -> FeatureSet:
     """Read a features file (vitp's or the seed's), checking every member."""
     path = Path(path)
     if not path.is_file():
-        raise FeatureFileError(f"{path}: no such features file")
+        raise RetrievalError(f"{path}: no such features file")
     with open(path, "rb") as handle:
         magic = handle.read(4)
     if magic[:2] != b"PK":  # an .npz is a zip archive; anything else would reach numpy's pickle loader
         kind = "a single .npy array" if magic[:1] == b"\x93" else "not a zip archive"
-        raise FeatureFileError(f"{path}: not a readable .npz features file ({kind})")
+        raise RetrievalError(f"{path}: not a readable .npz features file ({kind})")
     try:
         with np.load(path, allow_pickle=False) as data:
             members = set(data.files)
             for required in ("features", "image_paths"):
                 if required not in members:
-                    raise FeatureFileError(
+                    raise RetrievalError(
                         f"{path}: no '{required}' array (found: {', '.join(sorted(members)) or 'nothing'}); a features "
                         f"file holds 'features' [N, D] and 'image_paths' [N], as `vitp features` writes"
                     )
@@ -152,27 +144,27 @@ def load_features(path: Path | str) -> FeatureSet:
             image_paths = data["image_paths"].astype(str)
             labels = data["labels"].astype(str) if "labels" in members else None
             settings = _parse_settings(data["settings"], path) if "settings" in members else None
-    except FeatureFileError:
+    except RetrievalError:
         raise
     except ValueError as err:  # object arrays (pickles) and malformed members
-        raise FeatureFileError(f"{path}: cannot read as a features file ({err})") from None
+        raise RetrievalError(f"{path}: cannot read as a features file ({err})") from None
     except (OSError, zipfile.BadZipFile, EOFError) as err:
-        raise FeatureFileError(f"{path}: not a readable .npz file ({err})") from None
+        raise RetrievalError(f"{path}: not a readable .npz file ({err})") from None
 
     for name, array in (("image_paths", image_paths), ("labels", labels)):
         if array is not None and array.ndim != 1:
-            raise FeatureFileError(f"{path}: '{name}' must be a 1-D list of strings, got shape {array.shape}")
+            raise RetrievalError(f"{path}: '{name}' must be a 1-D list of strings, got shape {array.shape}")
     if len(image_paths) != len(features):
-        raise FeatureFileError(
+        raise RetrievalError(
             f"{path}: 'image_paths' has {len(image_paths)} entries but 'features' has {len(features)} rows"
         )
     if labels is not None and len(labels) != len(features):
-        raise FeatureFileError(f"{path}: 'labels' has {len(labels)} entries but 'features' has {len(features)} rows")
+        raise RetrievalError(f"{path}: 'labels' has {len(labels)} entries but 'features' has {len(features)} rows")
     refuse_duplicate_paths(image_paths, path)
     if not np.issubdtype(features.dtype, np.floating):
-        raise FeatureFileError(f"{path}: 'features' must be floating point, got {features.dtype}")
+        raise RetrievalError(f"{path}: 'features' must be floating point, got {features.dtype}")
     if features.ndim != 2 or len(features) == 0:
-        raise FeatureFileError(f"{path}: 'features' must be a non-empty [N, D] array, got shape {features.shape}")
+        raise RetrievalError(f"{path}: 'features' must be a non-empty [N, D] array, got shape {features.shape}")
     if settings is None:
         logger.warning(
             "%s has no vitp settings (written by another tool?): cannot check that its features come from the "
@@ -195,7 +187,7 @@ def refuse_duplicate_paths(image_paths: np.ndarray, path: Path) -> None:
     if len(repeated):
         shown = ", ".join(f"{name} ({count}x)" for name, count in zip(repeated[:3], counts[counts > 1][:3]))
         more = f", ... ({len(repeated) - 3} more)" if len(repeated) > 3 else ""
-        raise FeatureFileError(
+        raise RetrievalError(
             f"{path}: {len(repeated)} image paths appear more than once: {shown}{more}; each image must be listed "
             f"once (merged features files? extract them again with `vitp features`)"
         )
@@ -205,9 +197,9 @@ def _parse_settings(member: np.ndarray, path: Path) -> dict[str, Any]:
     try:
         settings = json.loads(str(member.item()))
     except (json.JSONDecodeError, ValueError) as err:
-        raise FeatureFileError(f"{path}: 'settings' is not valid JSON ({err})") from None
+        raise RetrievalError(f"{path}: 'settings' is not valid JSON ({err})") from None
     if not isinstance(settings, dict):
-        raise FeatureFileError(f"{path}: 'settings' must be a JSON object")
+        raise RetrievalError(f"{path}: 'settings' must be a JSON object")
     return settings
 
 
@@ -219,10 +211,10 @@ def check_vectors(vectors: np.ndarray, describe_row) -> tuple[np.ndarray, bool]:
     finite = np.isfinite(vectors).all(axis=1)
     if not finite.all():
         row = int(np.flatnonzero(~finite)[0])
-        raise FeatureFileError(f"{int((~finite).sum())} feature rows hold NaN or inf (first: {describe_row(row)})")
+        raise RetrievalError(f"{int((~finite).sum())} feature rows hold NaN or inf (first: {describe_row(row)})")
     norms = _row_norms(vectors)
     if np.any(norms == 0):
-        raise FeatureFileError(f"a feature row is all zeros and cannot be normalised: {describe_row(int(np.flatnonzero(norms == 0)[0]))}")
+        raise RetrievalError(f"a feature row is all zeros and cannot be normalised: {describe_row(int(np.flatnonzero(norms == 0)[0]))}")
     if np.abs(norms - 1).max() <= _NORM_TOLERANCE:
         return vectors, True
     if norms.max() < np.finfo(np.float32).max:
@@ -262,8 +254,8 @@ def check_compatible(
             f"(checkpoints: {candidate.get('vit_checkpoint', '?')} for {candidate_name}, "
             f"{reference.get('vit_checkpoint', '?')} for {reference_name})"
         )
-        raise IncompatibleFeaturesError(
+        raise RetrievalError(
             f"{candidate_name} and {reference_name} were made with different feature settings, so their similarities "
             f"mean nothing:\n  " + "\n  ".join(differences) + f"\n  {checkpoints}\n"
-            f"Extract both with the same --vit_checkpoint, --select_layer, --pool and --image_size."
+            f"Extract both with the same vit_checkpoint, select_layer, pool and image_size."
         )

@@ -20,29 +20,26 @@ import json
 import logging
 import os
 import shutil
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from vitp.errors import VitpError
+from vitp.errors import RetrievalError
+from vitp.files import check_parent_folders, make_parent_folder, read_json
+from vitp.options import BACKENDS
 from vitp.retrieval.feature_file import check_compatible
 from vitp.retrieval.rerank import weighted_expansion
-from vitp.tensor_io import check_parent_folders, make_parent_folder
 
 logger = logging.getLogger("vitp")
 
 INDEX_FORMAT = "vitp-retrieval-index"
 INDEX_VERSION = 2  # 2: PCA inside the FAISS index, a backend field; 1 (no backend, pca.npz) is read without PCA
-BACKENDS = ("faiss", "milvus")
 # The Milvus Lite database a Milvus index directory holds by default (also while its build is unfinished).
 MILVUS_LITE_FILE = "milvus.db"
 # Bytes of neighbour vectors gathered at once for query expansion and DBA (rows x k x d x 4).
 _GATHER_BUDGET_BYTES = 128 * 2**20
-
-
-class RetrievalIndexError(VitpError):
-    """An index that cannot be built, read or searched as asked."""
 
 
 def gather_chunk_rows(k: int, dimension: int) -> int:
@@ -54,27 +51,24 @@ def gather_chunk_rows(k: int, dimension: int) -> int:
 
 
 # Search parameters that count something (lists visited, candidates kept): below 1, FAISS fails or
-# silently returns fewer results. Name -> the flag that sets it, for messages.
-_COUNTING_SEARCH_PARAMETERS = {"nprobe": "--nprobe", "efSearch": "--ef_search"}
+# silently returns fewer results. Name -> what it counts, for messages.
+_COUNTING_SEARCH_PARAMETERS = {"nprobe": "inverted lists visited", "efSearch": "candidates kept"}
 
 
 def check_search_parameters(parameters: dict[str, Any]) -> None:
     """Refuse ``nprobe`` / ``efSearch`` values that are not whole numbers >= 1."""
     for name, value in parameters.items():
-        flag = _COUNTING_SEARCH_PARAMETERS.get(name)
-        if flag is None:
+        counted = _COUNTING_SEARCH_PARAMETERS.get(name)
+        if counted is None:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise RetrievalIndexError(
-                f"{flag} {value!r}: must be a whole number >= 1 (it counts the "
-                f"{'inverted lists visited' if name == 'nprobe' else 'candidates kept'} per query)"
-            )
+            raise RetrievalError(f"{name} {value!r}: must be a whole number >= 1 (it counts the {counted} per query)")
 
 
 def check_query_expansion(qe_k: int) -> None:
     """Refuse a negative number of query-expansion neighbours (0 = off)."""
     if qe_k < 0:
-        raise RetrievalIndexError(f"--qe {qe_k}: query expansion takes a number of neighbours >= 0 (0 = off)")
+        raise RetrievalError(f"qe {qe_k}: query expansion takes a number of neighbours >= 0 (0 = off)")
 
 
 def count_short_results(ids: np.ndarray, expected: int) -> int:
@@ -104,7 +98,7 @@ def drop_excluded(scores: np.ndarray, ids: np.ndarray, exclude: np.ndarray | Non
 # The interface
 
 
-class RetrievalIndex:
+class RetrievalIndex(ABC):
     """A gallery in a vector index, with its paths, labels, feature settings and post-processing.
 
     A backend implements :meth:`top_k`, :meth:`gallery_vectors`, :meth:`all_gallery_vectors`,
@@ -146,10 +140,10 @@ class RetrievalIndex:
             from vitp.retrieval.backends.milvus import MilvusIndex
 
             if factory != "Flat":
-                raise RetrievalIndexError("a FAISS factory string does not apply to a Milvus collection; choose the "
+                raise RetrievalError("a FAISS factory string does not apply to a Milvus collection; choose the "
                                           "Milvus index type instead")
             return MilvusIndex.build(gallery, **options)
-        raise RetrievalIndexError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+        raise ValueError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
 
     @classmethod
     def load(cls, directory: Path | str, faiss_device: str = "auto") -> "RetrievalIndex":
@@ -171,7 +165,7 @@ class RetrievalIndex:
         """Refuse query features the gallery's features cannot be compared with."""
         expected = self.meta["feature_dimension"]
         if dimension != expected:
-            raise RetrievalIndexError(
+            raise RetrievalError(
                 f"{name} has {dimension}-dimensional features; {self.name} was built from {expected}-dimensional "
                 f"features (a different model or pooling?)"
             )
@@ -220,31 +214,34 @@ class RetrievalIndex:
     # ---------------------------------------------------------------------------------------------
     # What a backend provides
 
+    @abstractmethod
     def prepare_queries(self, features: np.ndarray) -> np.ndarray:
         """Queries in the index's space (the gallery's post-processing applied), L2-normalised."""
-        raise NotImplementedError
 
+    @abstractmethod
     def top_k(self, queries: np.ndarray, k: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids) of the k best gallery vectors; ``exclude[i]`` never appears in row i; id -1 and
         score -inf where fewer than k were found."""
-        raise NotImplementedError
 
+    @abstractmethod
     def vectors_by_id(self, ids: np.ndarray) -> np.ndarray:
         """Exact gallery vectors in the index's space, for valid ids."""
-        raise NotImplementedError
 
+    @abstractmethod
     def all_gallery_vectors(self) -> np.ndarray:
         """Every gallery vector, exactly (for full-ranking metrics)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def set_search_parameters(self, parameters: dict[str, Any]) -> None:
-        raise NotImplementedError
+        """Apply counting search parameters (``nprobe``, ``efSearch``) to later searches."""
 
+    @abstractmethod
     def describe(self) -> str:
-        raise NotImplementedError
+        """One line: engine, index type, size."""
 
+    @abstractmethod
     def save(self, directory: Path | str) -> Path:
-        raise NotImplementedError
+        """Write the index directory; returns it."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -268,11 +265,8 @@ def read_meta(directory: Path) -> dict[str, Any]:
     """meta.json of an index directory, checked: what every backend's loader starts from."""
     meta_path = directory / "meta.json"
     if not meta_path.is_file():
-        raise RetrievalIndexError(f"{directory}: not a vitp index (no meta.json); build one with `vitp index build`")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise RetrievalIndexError(f"{meta_path}: unreadable ({err})") from None
+        raise RetrievalError(f"{directory}: not a vitp index (no meta.json); build one with `vitp index build`")
+    meta = read_json(meta_path, RetrievalError)
     check_meta(meta, meta_path)
     meta["path"] = str(directory)
     return meta
@@ -281,9 +275,9 @@ def read_meta(directory: Path) -> dict[str, Any]:
 def check_meta(meta: Any, meta_path: Path) -> None:
     """Refuse a meta.json that is not what `vitp index build` writes, naming what is wrong."""
     if not isinstance(meta, dict):
-        raise RetrievalIndexError(f"damaged index: {meta_path} holds a JSON {type(meta).__name__}, not an object")
+        raise RetrievalError(f"damaged index: {meta_path} holds a JSON {type(meta).__name__}, not an object")
     if meta.get("format") != INDEX_FORMAT or meta.get("version") not in (1, INDEX_VERSION):
-        raise RetrievalIndexError(
+        raise RetrievalError(
             f"{meta_path}: format {meta.get('format')!r} version {meta.get('version')!r}; this vitp reads "
             f"{INDEX_FORMAT!r} versions 1 and {INDEX_VERSION}"
         )
@@ -300,7 +294,7 @@ def check_meta(meta: Any, meta_path: Path) -> None:
         wrong.append(f"backend {meta.get('backend')!r}")
     if missing or wrong:
         problems = ([f"missing {', '.join(missing)}"] if missing else []) + wrong
-        raise RetrievalIndexError(
+        raise RetrievalError(
             f"damaged index: {meta_path}: {'; '.join(problems)}; build the index again with `vitp index build`"
         )
 
@@ -323,7 +317,7 @@ def check_index_output(directory: Path | str) -> Path:
     if directory.exists():
         is_index = (directory / "meta.json").is_file() or (directory / MILVUS_LITE_FILE).exists()
         if not directory.is_dir() or (any(directory.iterdir()) and not is_index):
-            raise RetrievalIndexError(f"{directory}: exists and is not a vitp index; not overwriting it")
+            raise RetrievalError(f"{directory}: exists and is not a vitp index; not overwriting it")
     check_parent_folders(directory)
     return directory
 

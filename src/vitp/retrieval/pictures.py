@@ -9,8 +9,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from vitp.data.images import ImageError, load_image
-from vitp.errors import VitpError
-from vitp.tensor_io import atomic_path
+from vitp.errors import RetrievalError
+from vitp.files import atomic_path
 
 MATCH = (46, 160, 67)
 MISMATCH = (200, 50, 50)
@@ -21,25 +21,21 @@ TEXT = (20, 20, 20)
 _THUMBNAIL_MAX_PIXELS = 64_000_000
 
 
-class PictureError(VitpError):
-    """A picture that cannot be written as asked."""
-
-
-def picture_format(path: Path | str, flag: str) -> str:
+def picture_format(path: Path | str, name: str) -> str:
     """The Pillow format that the file name's extension asks for (``sheet.jpg`` -> JPEG), so that
     the bytes written are what the name says."""
     extension = Path(path).suffix.lower()
     image_format = Image.registered_extensions().get(extension)
     if image_format is None or image_format not in Image.SAVE:
-        raise PictureError(
-            f"{flag} {path}: cannot write a picture named {extension or 'without an extension'}; "
+        raise RetrievalError(
+            f"{name} {path}: cannot write a picture named {extension or 'without an extension'}; "
             f"use a name ending in .png, .jpg or .webp"
         )
     return image_format
 
 
-def _save_picture(image: Image.Image, path: Path, flag: str) -> None:
-    image_format = picture_format(path, flag)
+def _save_picture(image: Image.Image, path: Path, name: str) -> None:
+    image_format = picture_format(path, name)
     with atomic_path(path) as tmp:
         image.save(tmp, format=image_format, **({"quality": 92} if image_format in ("JPEG", "WEBP") else {}))
 
@@ -99,7 +95,7 @@ def write_contact_sheet(rows: list[SheetRow], path: Path, thumbnail: int = 128) 
             sheet.paste(_thumbnail(image_path, thumbnail), (x + border, y + border))
             draw.text((x, y + thumbnail + 2 * border + 1), _shorten(title, characters), fill=TEXT, font=font)
             draw.text((x, y + thumbnail + 2 * border + 14), _shorten(label, characters), fill=colour, font=font)
-    _save_picture(sheet, path, "--contact_sheet")
+    _save_picture(sheet, path, "contact_sheet")
     return path
 
 
@@ -120,7 +116,7 @@ def write_class_chart(rows: list[dict], key: str, title: str, path: Path) -> Pat
         colour = MATCH if value >= 0.5 else MISMATCH
         draw.rectangle([name_width, y, name_width + int(round(bar_width * value)), y + bar_height], fill=colour)
         draw.text((name_width + bar_width + 6, y + 1), f"{value:.3f}", fill=TEXT, font=font)
-    _save_picture(image, path, "--plot")
+    _save_picture(image, path, "plot")
     return path
 
 

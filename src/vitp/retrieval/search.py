@@ -21,37 +21,36 @@ import numpy as np
 
 import vitp
 from vitp.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, iter_image_files
-from vitp.errors import VitpError
+from vitp.errors import RetrievalError
+from vitp.files import atomic_path
 from vitp.retrieval.extract.embedder import FeatureModel, load_feature_model
 from vitp.retrieval.extract.run import embed_files
 from vitp.retrieval.feature_file import FeatureSet
 from vitp.retrieval.index import RetrievalIndex, count_short_results
 from vitp.retrieval.pictures import SheetRow, write_contact_sheet
-from vitp.tensor_io import atomic_path
+
+# The name the command line raises for the flags it checks itself.
+SearchError = RetrievalError
 
 logger = logging.getLogger("vitp")
 
 OUTPUT_FORMATS = (".json", ".csv")
 
 
-class SearchError(VitpError):
-    """A search that cannot be run as asked."""
-
-
 def output_format(path: Path | str) -> str:
-    """The results format of an --output file, by its suffix: ``.json`` or ``.csv``."""
+    """The results format of an output file, by its suffix: ``.json`` or ``.csv``."""
     suffix = Path(path).suffix.lower()
     if suffix not in OUTPUT_FORMATS:
-        raise SearchError(f"--output {path}: unknown format; use a name ending in {' or '.join(OUTPUT_FORMATS)}")
+        raise RetrievalError(f"output {path}: unknown format; use a name ending in {' or '.join(OUTPUT_FORMATS)}")
     return suffix
 
 
 def check_show(limit: int, contact_sheet: bool = False) -> None:
-    """Refuse a --show that prints (or, for the contact sheet, draws) no sensible number of queries."""
+    """Refuse a show that prints (or, for the contact sheet, draws) no sensible number of queries."""
     if limit < 0:
-        raise SearchError(f"--show {limit}: must be >= 0 (the number of queries printed)")
+        raise RetrievalError(f"show {limit}: must be >= 0 (the number of queries printed)")
     if contact_sheet and limit < 1:
-        raise SearchError(f"--show {limit}: the contact sheet draws the first --show queries, so it needs >= 1")
+        raise RetrievalError(f"show {limit}: the contact sheet draws the first show queries, so show must be >= 1")
 
 
 @dataclass
@@ -106,8 +105,7 @@ class SearchResults:
         return path
 
     def lines(self, limit: int, written: bool = False) -> list[str]:
-        """The first ``limit`` queries and their results; ``written``: all of them go to --output files."""
-        check_show(limit)
+        """The first ``limit`` queries and their results; ``written``: all of them go to output files."""
         out = []
         shown = self.rows()[:limit]
         # one label column for every query shown, as wide as its longest label
@@ -117,13 +115,12 @@ class SearchResults:
             for result in row["results"]:
                 out.append(f"  {result['rank']:>3}  {result['score']:.4f}  {result['label']:<{width}}  {result['path']}")
         if len(self.query_paths) > limit:
-            where = "all of them are in the --output files" if written else "write all of them with --output"
-            out.append(f"... {len(self.query_paths) - limit} more queries ({where}; print more with --show)")
+            where = "all of them are in the output files" if written else "no output file holds them"
+            out.append(f"... {len(self.query_paths) - limit} more queries ({where})")
         return out
 
     def contact_sheet(self, path: Path, limit: int, thumbnail: int = 128) -> Path:
         """The first ``limit`` queries drawn with their results (see :func:`write_contact_sheet`)."""
-        check_show(limit, contact_sheet=True)
         known = set(map(str, self.gallery_labels))
         rows = [
             SheetRow(
@@ -142,10 +139,10 @@ def query_files(image: str | Path) -> list[Path]:
     if image.is_dir():
         files = [Path(os.path.abspath(path)) for path in iter_image_files(image)]
         if not files:
-            raise SearchError(f"--image {image}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
+            raise RetrievalError(f"image {image}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
         return files
     if not image.exists():
-        raise SearchError(f"--image {image}: no such file or directory")
+        raise RetrievalError(f"image {image}: no such file or directory")
     return [Path(os.path.abspath(image))]
 
 
@@ -155,15 +152,15 @@ def load_index_model(
     """The ViT recorded in the index's feature settings, configured as it was for the gallery."""
     settings = index.feature_settings
     if not settings or "vit_checkpoint" not in settings:
-        raise SearchError(
+        raise RetrievalError(
             f"{index.name} was built from features without vitp settings (the seed's .npz?), so the model that "
             f"made them is unknown; extract gallery and query features with `vitp features`"
         )
     checkpoint = Path(vit_checkpoint or settings["vit_checkpoint"])
     if not checkpoint.exists():
-        raise SearchError(
+        raise RetrievalError(
             f"the index's gallery was embedded with {settings['vit_checkpoint']}, which no longer exists; "
-            f"pass its new location with --vit_checkpoint"
+            f"pass its new location with vit_checkpoint"
         )
     config = vitp.VisionConfig.from_dict(settings["model_config"]) if settings.get("model_config") else None
     return load_feature_model(checkpoint, vit_config=config, device=device, dtype=dtype or settings.get("dtype", "auto"))
@@ -205,7 +202,7 @@ def _warn_about_short_results(index: RetrievalIndex, ids: np.ndarray, k: int) ->
     if short:
         logger.warning(
             "%d of the %d queries got fewer than %d results: %s found fewer candidates than asked for (raise "
-            "--nprobe for an IVF index, --ef_search for HNSW)", short, len(ids), expected, index.describe()
+            "nprobe for an IVF index, ef_search for HNSW)", short, len(ids), expected, index.describe()
         )
 
 
@@ -221,7 +218,7 @@ def search_index(
 ) -> SearchResults:
     """Top-k of each query (checked against the index's settings first)."""
     if k < 1:
-        raise SearchError(f"-k must be >= 1, got {k}")
+        raise RetrievalError(f"-k must be >= 1, got {k}")
     index.check_queries(queries.settings, queries.dimension, f"query features {queries.source}")
     if search_parameters:
         index.set_search_parameters(search_parameters)

@@ -33,24 +33,20 @@ source of spread, which only repeating the training measures.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
-from vitp.errors import VitpError
+from vitp.errors import RetrievalError
+from vitp.files import read_json
 
 CONFIDENCE = 0.95
 # Elements (resample slots x metrics) gathered at a time: about 64 MB of float64.
 _CHUNK_ELEMENTS = 8 * 2**20
 
 AHEAD, BEHIND, NO_DIFFERENCE = "ahead", "behind", "no measurable difference"
-
-
-class ComparisonError(VitpError):
-    """Two evaluations that cannot be compared query by query."""
 
 
 @dataclass(frozen=True)
@@ -118,24 +114,24 @@ class QueryResults:
     def from_dict(cls, data: Any, source: str) -> "QueryResults":
         """Read ``to_dict``'s form back, saying what is wrong with a damaged or foreign one."""
         if not isinstance(data, dict) or not all(key in data for key in ("image_paths", "classes", "metrics")):
-            raise ComparisonError(f"{source}: 'per_query' must be an object with image_paths, classes and metrics")
+            raise RetrievalError(f"{source}: 'per_query' must be an object with image_paths, classes and metrics")
         if not isinstance(data["metrics"], dict) or not data["metrics"]:
-            raise ComparisonError(f"{source}: 'per_query.metrics' must be a non-empty object of metric -> values")
+            raise RetrievalError(f"{source}: 'per_query.metrics' must be a non-empty object of metric -> values")
         for key in ("image_paths", "classes"):
             if not isinstance(data[key], list) or not all(isinstance(v, str) for v in data[key]):
-                raise ComparisonError(f"{source}: 'per_query.{key}' must be a list of strings")
+                raise RetrievalError(f"{source}: 'per_query.{key}' must be a list of strings")
         metrics = {}
         for name, values in data["metrics"].items():
             if not isinstance(values, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-                raise ComparisonError(f"{source}: 'per_query.metrics.{name}' must be a list of numbers")
+                raise RetrievalError(f"{source}: 'per_query.metrics.{name}' must be a list of numbers")
             array = np.asarray(values, dtype=np.float64)
             if len(array) and not (np.isfinite(array).all() and array.min() >= 0 and array.max() <= 1):
-                raise ComparisonError(f"{source}: 'per_query.metrics.{name}' has values outside [0, 1]")
+                raise RetrievalError(f"{source}: 'per_query.metrics.{name}' has values outside [0, 1]")
             metrics[name] = array
         try:
             return cls(data["image_paths"], data["classes"], metrics)
         except ValueError as err:
-            raise ComparisonError(f"{source}: 'per_query': {err}") from None
+            raise RetrievalError(f"{source}: 'per_query': {err}") from None
 
 
 @dataclass
@@ -307,13 +303,13 @@ def pair_queries(a: QueryResults, b: QueryResults, name_a: str = "a", name_b: st
     for results, name in ((a, name_a), (b, name_b)):
         unique, counts = np.unique(results.image_paths, return_counts=True)
         if (counts > 1).any():
-            raise ComparisonError(f"{name}: the image path {str(unique[counts > 1][0])!r} appears {counts.max()} times; "
+            raise RetrievalError(f"{name}: the image path {str(unique[counts > 1][0])!r} appears {counts.max()} times; "
                                   "queries are paired by path, so each must be unique")
     only_a = np.setdiff1d(a.image_paths, b.image_paths)
     only_b = np.setdiff1d(b.image_paths, a.image_paths)
     if len(only_a) or len(only_b):
         examples = "; ".join(f"only in {n}: {len(o)} (e.g. {o[0]})" for o, n in ((only_a, name_a), (only_b, name_b)) if len(o))
-        raise ComparisonError(
+        raise RetrievalError(
             f"{name_a} and {name_b} did not evaluate the same queries ({len(a)} and {len(b)} queries; {examples}): "
             "a paired comparison needs both evaluated on the same query images"
         )
@@ -322,11 +318,11 @@ def pair_queries(a: QueryResults, b: QueryResults, name_a: str = "a", name_b: st
     differ = np.flatnonzero(classes_a != classes_b)
     if len(differ):
         path = a.image_paths[order_a][differ[0]]
-        raise ComparisonError(f"{name_a} and {name_b} give {len(differ)} queries different classes (e.g. {path}: "
+        raise RetrievalError(f"{name_a} and {name_b} give {len(differ)} queries different classes (e.g. {path}: "
                               f"{str(classes_a[differ[0]])!r} vs {str(classes_b[differ[0]])!r})")
     shared = [name for name in a.metrics if name in b.metrics]
     if not shared:
-        raise ComparisonError(f"{name_a} ({', '.join(a.metrics)}) and {name_b} ({', '.join(b.metrics)}) have no metric in common")
+        raise RetrievalError(f"{name_a} ({', '.join(a.metrics)}) and {name_b} ({', '.join(b.metrics)}) have no metric in common")
     paths = a.image_paths[order_a]
     return (QueryResults(paths, classes_a, {m: a.metrics[m][order_a] for m in shared}),
             QueryResults(paths, classes_b, {m: b.metrics[m][order_b] for m in shared}))
@@ -371,17 +367,10 @@ def per_class_values(results: QueryResults) -> dict[str, dict[str, float]]:
 def load_query_results(path: str | Path) -> QueryResults:
     """The per-query results stored in an evaluation's JSON (``EvaluationReport.to_dict``)."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ComparisonError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ComparisonError(f"{path}: cannot be read ({err})") from None
-    except json.JSONDecodeError as err:
-        raise ComparisonError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+    data = read_json(path, RetrievalError)
     if not isinstance(data, dict) or "top_k_accuracy" not in data:
-        raise ComparisonError(f"{path}: not an evaluation written by `vitp evaluate` (no 'top_k_accuracy' key)")
+        raise RetrievalError(f"{path}: not an evaluation written by `vitp evaluate` (no 'top_k_accuracy' key)")
     if data.get("per_query") is None:
-        raise ComparisonError(f"{path}: the evaluation holds no per-query results (written by an older vitp?); "
+        raise RetrievalError(f"{path}: the evaluation holds no per-query results (written by an older vitp?); "
                               "evaluate again to compare it")
     return QueryResults.from_dict(data["per_query"], str(path))

@@ -28,8 +28,8 @@ from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field
 
 import vitp
-from vitp.errors import VitpError
-from vitp.serve.engine import Hit, SearchEngine, ServeError, UploadTooLarge
+from vitp.errors import ServeError, VitpError
+from vitp.serve.engine import Hit, SearchEngine
 
 logger = logging.getLogger("vitp")
 
@@ -276,7 +276,7 @@ def create_app(
         started = time.perf_counter()
         data = image.file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
-            raise UploadTooLarge(f"{name}: more than {_size_text(max_upload_bytes)}, the upload limit")
+            raise ServeError(f"{name}: more than {_size_text(max_upload_bytes)}, the upload limit", 413)
         picture = engine.decode_upload(data, name)
         decode_ms = (time.perf_counter() - started) * 1000
         outcome = engine.search_image(picture, k, label)

@@ -16,15 +16,16 @@ import io
 import os
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+import cachetools
 import numpy as np
 from PIL import Image
 
 from vitp.data.images import DEFAULT_MAX_PIXELS, ImageError, build_transform, decode_image, load_image
-from vitp.errors import VitpError
+from vitp.errors import ServeError
 from vitp.retrieval.extract.embedder import FeatureModel, embed_batch, extraction_settings
 from vitp.retrieval.index import RetrievalIndex
 
@@ -32,6 +33,8 @@ from vitp.retrieval.index import RetrievalIndex
 # .webp; Pillow's JPEG opener also covers multi-picture camera JPEGs). Naming them keeps Pillow's other
 # decoders, some of which call external programs (EPS -> Ghostscript), away from untrusted bytes.
 UPLOAD_FORMATS = ("JPEG", "PNG", "TIFF", "BMP", "WEBP")
+# The HTTP status of an upload refused for each ImageError kind (any other kind: 400).
+UPLOAD_STATUS = {"unsupported": 415, "too large": 413}
 THUMBNAIL_QUALITY = 85
 # Thumbnails are cached as encoded JPEG bytes, least recently used first out, up to this many bytes.
 DEFAULT_THUMBNAIL_CACHE_BYTES = 64 * 2**20
@@ -39,34 +42,6 @@ DEFAULT_THUMBNAIL_CACHE_BYTES = 64 * 2**20
 # until k of the class are found (or the whole gallery has been ranked).
 _FILTER_DEPTH_FACTOR = 4
 _FILTER_MIN_DEPTH = 64
-
-
-class ServeError(VitpError):
-    """A request that cannot be answered as asked; ``status_code`` is the HTTP status that says why."""
-
-    status_code = 400
-
-
-class BadUpload(ServeError):
-    """An empty, corrupt or truncated upload."""
-
-
-class UnsupportedUpload(ServeError):
-    status_code = 415
-
-
-class UploadTooLarge(ServeError):
-    status_code = 413
-
-
-class NotInGallery(ServeError):
-    """A path that is not one of the index's gallery images, or whose file cannot be read any more."""
-
-    status_code = 404
-
-
-class UnknownClass(ServeError):
-    status_code = 400
 
 
 # --------------------------------------------------------------------------------------------------
@@ -83,8 +58,7 @@ def decode_upload(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) 
     try:
         return decode_image(io.BytesIO(data), name, max_pixels, formats=UPLOAD_FORMATS, empty=not data)
     except ImageError as err:
-        error = {"unsupported": UnsupportedUpload, "too large": UploadTooLarge}.get(err.kind, BadUpload)
-        raise error(str(err)) from None
+        raise ServeError(str(err), UPLOAD_STATUS.get(err.kind, 400)) from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -105,35 +79,6 @@ class SearchOutcome:
     hits: list[Hit]
     embed_ms: float
     search_ms: float
-
-
-class ThumbnailCache:
-    """Encoded thumbnails, least recently used dropped first once ``max_bytes`` are held."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self._entries: OrderedDict[tuple, bytes] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple) -> bytes | None:
-        with self._lock:
-            data = self._entries.get(key)
-            if data is not None:
-                self._entries.move_to_end(key)
-            return data
-
-    def put(self, key: tuple, data: bytes) -> None:
-        if len(data) > self.max_bytes:
-            return
-        with self._lock:
-            if key in self._entries:
-                return
-            self._entries[key] = data
-            self._bytes += len(data)
-            while self._bytes > self.max_bytes:
-                _, dropped = self._entries.popitem(last=False)
-                self._bytes -= len(dropped)
 
 
 class SearchEngine:
@@ -167,7 +112,9 @@ class SearchEngine:
         # so that a burst of large uploads cannot hold unbounded decoded pixels in memory.
         self._compute_lock = threading.Lock()
         self._decode_slots = threading.BoundedSemaphore(max(2, os.cpu_count() or 1))
-        self._thumbnails = ThumbnailCache(thumbnail_cache_bytes)
+        # encoded JPEGs, least recently used dropped first once thumbnail_cache_bytes are held
+        self._thumbnails = cachetools.LRUCache(maxsize=thumbnail_cache_bytes, getsizeof=len)
+        self._thumbnails_lock = threading.Lock()  # cachetools' caches are not thread-safe
         # A first forward warms the model up and gives the query dimension to check against the index.
         warmup = self.embed(Image.new("RGB", (feature_model.image_size, feature_model.image_size)))
         index.check_queries(self.query_settings, len(warmup), f"queries embedded with {feature_model.checkpoint}")
@@ -200,13 +147,13 @@ class SearchEngine:
         """The row of a gallery path exactly as the index lists it (404 for anything else)."""
         row = self._id_of_path.get(path)
         if row is None:
-            raise NotInGallery(f"{path!r} is not an image of this gallery")
+            raise ServeError(f"{path!r} is not an image of this gallery", 404)
         return row
 
     def check_class(self, label: str | None) -> None:
         if label is not None and label not in self.class_counts:
             shown = ", ".join(list(self.class_counts)[:20]) + (", ..." if len(self.class_counts) > 20 else "")
-            raise UnknownClass(f"class {label!r} is not in this gallery (classes: {shown})")
+            raise ServeError(f"class {label!r} is not in this gallery (classes: {shown})")
 
     def gallery_items(self, offset: int, limit: int, label: str | None = None) -> tuple[int, list[int]]:
         """(how many match, the rows offset..offset+limit of them) in index order."""
@@ -220,7 +167,7 @@ class SearchEngine:
             try:
                 return load_image(path, self.max_pixels)
             except ImageError as err:
-                raise NotInGallery(f"gallery image {path} cannot be read: {err.reason}") from None
+                raise ServeError(f"gallery image {path} cannot be read: {err.reason}", 404) from None
 
     def thumbnail(self, path: str, size: int) -> bytes:
         """A JPEG at most ``size`` pixels on its longer side, of a gallery image only."""
@@ -228,16 +175,19 @@ class SearchEngine:
         try:
             stat = os.stat(path)
         except OSError as err:
-            raise NotInGallery(f"gallery image {path} cannot be read: {err.strerror or err}") from None
+            raise ServeError(f"gallery image {path} cannot be read: {err.strerror or err}", 404) from None
         key = (path, size, stat.st_mtime_ns, stat.st_size)  # a replaced file is drawn again
-        data = self._thumbnails.get(key)
+        with self._thumbnails_lock:
+            data = self._thumbnails.get(key)
         if data is None:
             image = self.load_gallery_image(path)
             image.thumbnail((size, size), Image.Resampling.BICUBIC)
             buffer = io.BytesIO()
             image.save(buffer, format="JPEG", quality=THUMBNAIL_QUALITY)
             data = buffer.getvalue()
-            self._thumbnails.put(key, data)
+            if len(data) <= self._thumbnails.maxsize:  # a larger one is served but never cached
+                with self._thumbnails_lock:
+                    self._thumbnails[key] = data
         return data
 
     # ---------------------------------------------------------------------------------------------

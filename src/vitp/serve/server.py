@@ -6,17 +6,13 @@ import socket
 from pathlib import Path
 from typing import Callable
 
-from vitp.errors import VitpError
+from vitp.errors import ConfigError
 from vitp.retrieval.index import RetrievalIndex
 from vitp.retrieval.search import load_index_model
 from vitp.serve.app import DEFAULT_MAX_K, DEFAULT_MAX_UPLOAD_BYTES, create_app
 from vitp.serve.engine import SearchEngine
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-
-
-class ServerError(VitpError):
-    """The server cannot start as asked."""
 
 
 def load_engine(
@@ -41,14 +37,14 @@ def bind_socket(host: str, port: int) -> socket.socket:
     try:
         family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     except socket.gaierror as err:
-        raise ServerError(f"--host {host}: cannot be resolved ({err.strerror})") from None
+        raise ConfigError(f"host {host}: cannot be resolved ({err.strerror})") from None
     sock = socket.socket(family, kind, protocol)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(address)
     except OSError as err:
         sock.close()
-        raise ServerError(f"cannot listen on {host}:{port}: {err.strerror or err} (choose another --port)") from None
+        raise ConfigError(f"cannot listen on {host}:{port}: {err.strerror or err} (choose another port)") from None
     return sock
 
 
@@ -82,9 +78,9 @@ def run_server(
     announce = announce or _print_now
 
     if max_upload_bytes < 1 or max_k < 1:
-        raise ServerError(f"the upload limit and the largest K must be positive (got {max_upload_bytes} and {max_k})")
+        raise ConfigError(f"max_upload_bytes and max_k must be positive (got {max_upload_bytes} and {max_k})")
     if max_pixels is not None and max_pixels < 1:  # 0 would refuse every image as too large
-        raise ServerError(f"--max_pixels {max_pixels}: must be >= 1 (leave it out for the gallery's limit)")
+        raise ConfigError(f"max_pixels {max_pixels}: must be >= 1 (leave it out for the gallery's limit)")
     sock = bind_socket(host, port)  # first: a taken port is reported before minutes of model loading
     # Not listening until the model is loaded: meanwhile a client is refused instead of left waiting.
     try:

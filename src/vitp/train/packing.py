@@ -35,8 +35,9 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from vitp.data.dataset import MAX_REPLACEMENT_DRAWS, InstructionDataset, sample_loss_weight
-from vitp.data.meta import MetaError, SampleError
+from vitp.data.meta import SampleError
 from vitp.data.templates import IGNORE_INDEX, TemplateError
+from vitp.errors import DataError
 from vitp.train.sampling import dataset_weights
 
 logger = logging.getLogger("vitp")
@@ -144,7 +145,7 @@ class PackedBatchSampler(Sampler[list]):
 
     def packs(self) -> Iterator[tuple[Pack, list[tuple]]]:
         """Finished packs, each with the drop reports gathered since the previous one. Stops with a
-        MetaError when so many samples in a row are unusable that most of the data must be bad."""
+        DataError when so many samples in a row are unusable that most of the data must be bad."""
         rng = np.random.default_rng(self.seed)
         planner = PackPlanner(self.max_tokens, self.max_tiles, self.max_buffers)
         dropped: list[tuple] = []
@@ -156,7 +157,7 @@ class PackedBatchSampler(Sampler[list]):
                     dropped.append(("dropped", *length))
                     if len(dropped) > MAX_REPLACEMENT_DRAWS:
                         reasons = "; ".join(f"{where}: {reason}" for _, where, _, reason in dropped[:3])
-                        raise MetaError(f"{len(dropped)} samples in a row were unusable: most of the data is bad, "
+                        raise DataError(f"{len(dropped)} samples in a row were unusable: most of the data is bad, "
                                         f"e.g. {reasons}. `vitp data check META.json` lists every problem.")
                     continue
                 for pack in planner.add(index, *length):
@@ -164,7 +165,7 @@ class PackedBatchSampler(Sampler[list]):
                     dropped = []
                     self._log(stats, pack)
             if stats["packs"] == 0 and not planner.open:
-                raise MetaError("no sample of the data can be used: every line failed its checks "
+                raise DataError("no sample of the data can be used: every line failed its checks "
                                 "(`vitp data check META.json` lists every problem)")
             for pack in planner.flush():  # the pass is over: finish every open pack, as upstream does
                 yield pack, dropped
@@ -213,7 +214,7 @@ class PackedItems(Dataset):
 class PackedCollator:
     """Lays each pack into one row (see the module docstring). Returns what the padded collator does,
     plus ``position_ids`` and ``segment_ids`` (-1 on padding) and ``image_flags`` (False for padding
-    tiles); ``num_tiles`` counts each row's real tiles and ``where`` joins its samples' lines."""
+    tiles); ``num_tiles`` counts each row's real tiles."""
 
     def __init__(self, pad_token_id: int, loss_reduction: str, strict_tokens: int | None = None,
                  strict_tiles: int | None = None, tile_size: int | None = None):
@@ -248,7 +249,6 @@ class PackedCollator:
             image_flags=torch.cat(flags),
             num_tiles=torch.tensor([row["num_tiles"] for row in rows], dtype=torch.long),
             classify=[(r, target) for r, row in enumerate(rows) for target in row["classify"]],
-            where=[row["where"] for row in rows],
             dropped=dropped,
         )
         return batch
@@ -273,7 +273,6 @@ class PackedCollator:
             "segment_ids": torch.cat(segments), "loss_weight": torch.cat(weights),
             "pixel_values": torch.cat([s["pixel_values"] for s in samples]),
             "num_tiles": sum(s["num_tiles"] for s in samples), "classify": classify,
-            "where": "; ".join(s["where"] for s in samples),
         }
 
     def _empty_row(self) -> dict[str, Any]:
@@ -281,7 +280,7 @@ class PackedCollator:
         size = self.tile_size or 1
         return {"input_ids": torch.tensor([self.pad_token_id]), "labels": torch.tensor([IGNORE_INDEX]),
                 "position_ids": torch.tensor([0]), "segment_ids": torch.tensor([0]), "loss_weight": torch.tensor([0.0]),
-                "pixel_values": torch.zeros(0, 3, size, size), "num_tiles": 0, "classify": [], "where": "(no sample)"}
+                "pixel_values": torch.zeros(0, 3, size, size), "num_tiles": 0, "classify": []}
 
 
 def _stack(tensors: list[torch.Tensor], length: int, value: float) -> torch.Tensor:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import logging
 import os
 import shutil
@@ -26,7 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, SequentialSampler
-from transformers import Trainer, TrainerCallback, set_seed
+from transformers import Trainer, TrainerCallback, TrainerState, set_seed
 
 from vitp.data.check import validate_data_settings
 from vitp.data.dataset import Collator, InstructionDataset, data_settings
@@ -315,8 +314,8 @@ def checkpoint_problem(directory: Path) -> str | None:
 def global_step(checkpoint: str | Path) -> int | None:
     """The step a checkpoint was saved at, from its trainer state; None if that is missing or unreadable."""
     try:
-        return int(json.loads((Path(checkpoint) / TRAINER_STATE).read_text(encoding="utf-8"))["global_step"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return int(TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE)).global_step)
+    except (OSError, ValueError, TypeError):
         return None
 
 

@@ -136,6 +136,7 @@ def llm_family(values: Mapping[str, Any], where: str) -> tuple[LLMFamily, dict[s
     """(family, config of the native transformers class) of a stored LLM config (an InternVL
     ``llm_config``, a transformers ``text_config``, or a causal LM's ``config.json``)."""
     from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     if not isinstance(values, Mapping):
         raise ConfigError(f"{where}: expected the LLM's config as an object, found {type(values).__name__}")
@@ -144,12 +145,14 @@ def llm_family(values: Mapping[str, Any], where: str) -> tuple[LLMFamily, dict[s
     model_type = ARCHITECTURES.get(architectures[0], values.get("model_type"))
     family = FAMILIES.get(model_type, NATIVE)
     native = family.native_config({**values, "model_type": model_type}, where)
+    if native.get("model_type") not in CONFIG_MAPPING:  # one line, not transformers' list of every model type
+        known = ", ".join(["qwen2", "llama", *FAMILIES])
+        raise ConfigError(
+            f"{where}: the LLM's model_type {model_type!r} is not one vitp can build; vitp builds LLMs that "
+            f"transformers ships (e.g. {known})"
+        )
     try:
         AutoConfig.for_model(**native)
     except (ValueError, KeyError, TypeError) as err:
-        known = ", ".join(["qwen2", "llama", *FAMILIES])
-        raise ConfigError(
-            f"{where}: the LLM's model_type {model_type!r} is not one vitp can build ({err}); vitp builds LLMs "
-            f"that transformers ships and the InternVL families ({known})"
-        ) from None
+        raise ConfigError(f"{where}: the LLM's {model_type} config cannot be built: {err}") from None
     return family, native

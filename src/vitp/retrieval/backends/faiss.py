@@ -34,13 +34,14 @@ import numpy as np
 from vitp.progress import progress
 
 import vitp
+from vitp.errors import ConfigError, RetrievalError
+from vitp.options import FAISS_DEVICES
 from vitp.retrieval.backends import autoindex
 from vitp.retrieval.feature_file import FeatureSet, check_compatible, replace_directory, write_npz
 from vitp.retrieval.index import (
     INDEX_FORMAT,
     INDEX_VERSION,
     RetrievalIndex,
-    RetrievalIndexError,
     building_directory,
     check_index_output,
     check_search_parameters,
@@ -49,11 +50,10 @@ from vitp.retrieval.index import (
     source_path,
     write_meta,
 )
-from vitp.retrieval.rerank import PostProcessingError, l2_normalise, weighted_expansion
+from vitp.retrieval.rerank import l2_normalise, weighted_expansion
 
 logger = logging.getLogger("vitp")
 
-FAISS_DEVICES = ("auto", "cpu", "gpu")
 # Vectors read, transformed and added per step when no memory budget says otherwise.
 _CHUNK_ROWS = 65536
 # Queries per FAISS call: bounds the (queries x k) result arrays.
@@ -81,13 +81,13 @@ def to_search_device(index: faiss.Index, faiss_device: str) -> faiss.Index:
     Some index types (HNSW, for one) have no GPU implementation; they stay on the CPU with a note.
     """
     if faiss_device not in FAISS_DEVICES:
-        raise RetrievalIndexError(f"--faiss_device {faiss_device!r}: expected one of {', '.join(FAISS_DEVICES)}")
+        raise ValueError(f"faiss_device {faiss_device!r}: expected one of {', '.join(FAISS_DEVICES)}")
     if faiss_device == "cpu":
         return index
     if gpu_count() == 0:
         if faiss_device == "gpu":
-            raise RetrievalIndexError(
-                "--faiss_device gpu: this FAISS has no GPU support or sees no GPU (faiss-cpu is installed; "
+            raise ConfigError(
+                "faiss_device gpu: this FAISS has no GPU support or sees no GPU (faiss-cpu is installed; "
                 "install faiss-gpu for GPU search)"
             )
         return index
@@ -115,7 +115,7 @@ def set_search_parameters(index: faiss.Index, parameters: dict[str, Any]) -> Non
         try:
             space.set_index_parameter(index, name, value)
         except RuntimeError as err:
-            raise RetrievalIndexError(
+            raise RetrievalError(
                 f"search parameter {name}={value} does not apply to this index "
                 f"({type(index).__name__}): {str(err).splitlines()[-1]}"
             ) from None
@@ -125,8 +125,8 @@ def make_faiss_index(dimension: int, factory: str) -> faiss.Index:
     try:
         return faiss.index_factory(dimension, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as err:
-        raise RetrievalIndexError(
-            f"--factory {factory!r}: FAISS cannot build it ({_faiss_reason(err)}); examples: 'Flat' (exact), "
+        raise RetrievalError(
+            f"factory {factory!r}: FAISS cannot build it ({_faiss_reason(err)}); examples: 'Flat' (exact), "
             f"'IVF1024,Flat', 'HNSW32', 'IVF4096,PQ64', 'OPQ64_128,IVF4096,PQ64x8'"
         ) from None
 
@@ -200,11 +200,11 @@ def fit_pca(vectors: np.ndarray, dimensions: int, whiten: bool, source: str) -> 
     normalisation: the transform chain an IndexPreTransform applies to the gallery and to queries."""
     count, input_dimension = vectors.shape
     if not 1 <= dimensions <= input_dimension:
-        raise PostProcessingError(f"--pca {dimensions}: must be between 1 and the feature dimension {input_dimension}")
+        raise RetrievalError(f"pca {dimensions}: must be between 1 and the feature dimension {input_dimension}")
     if dimensions > count - 1:
-        raise PostProcessingError(
-            f"--pca {dimensions}: {source} has {count} vectors, which span at most {count - 1} dimensions "
-            f"around their mean; fit PCA on more vectors (--pca_fit) or use fewer dimensions"
+        raise RetrievalError(
+            f"pca {dimensions}: {source} has {count} vectors, which span at most {count - 1} dimensions "
+            f"around their mean; fit PCA on more vectors (pca_fit) or use fewer dimensions"
         )
     pca = faiss.PCAMatrix(input_dimension, dimensions, -0.5 if whiten else 0.0)
     pca.train(np.ascontiguousarray(vectors, dtype=np.float32))
@@ -213,9 +213,9 @@ def fit_pca(vectors: np.ndarray, dimensions: int, whiten: bool, source: str) -> 
     noise_floor = eigenvalues[0] * input_dimension * np.finfo(np.float32).eps
     usable = int((eigenvalues > noise_floor).sum())
     if whiten and usable < dimensions:
-        raise PostProcessingError(
-            f"--pca {dimensions} --whiten: only {usable} directions of {source} have non-negligible variance; "
-            f"whitening the others would amplify noise. Use --pca {usable} or less"
+        raise RetrievalError(
+            f"pca {dimensions} with whitening: only {usable} directions of {source} have non-negligible variance; "
+            f"whitening the others would amplify noise. Use at most {usable} PCA dimensions"
         )
     return [pca, faiss.NormalizationTransform(dimensions, 2.0)]
 
@@ -317,23 +317,23 @@ class FaissIndex(RetrievalIndex):
         vectors is measured then, or when ``measure_recall`` asks, and recorded in ``meta["tuning"]``."""
         check_search_parameters(search_parameters or {})  # before the (possibly long) build
         if dba_k < 0:
-            raise RetrievalIndexError(f"--dba {dba_k}: database-side augmentation takes a number of neighbours >= 0 (0 = off)")
+            raise RetrievalError(f"dba {dba_k}: database-side augmentation takes a number of neighbours >= 0 (0 = off)")
         if whiten and pca_dimensions is None:
-            raise RetrievalIndexError("--whiten needs --pca DIMS (whitening is applied to the PCA components)")
+            raise RetrievalError("whiten needs pca, a number of dimensions (whitening is applied to the PCA components)")
         if max_index_memory is not None:
             if max_index_memory <= 0:
-                raise RetrievalIndexError(f"max_index_memory must be a positive number of bytes, got {max_index_memory}")
+                raise RetrievalError(f"max_index_memory must be a positive number of bytes, got {max_index_memory}")
             if factory != "Flat":
-                raise RetrievalIndexError("give either a FAISS factory string or a memory budget, not both: with a "
+                raise RetrievalError("give either a FAISS factory string or a memory budget, not both: with a "
                                           "budget the index type is chosen to fit it")
         if max_query_ms is not None and max_query_ms <= 0:
-            raise RetrievalIndexError(f"max_query_ms must be > 0, got {max_query_ms}")
+            raise RetrievalError(f"max_query_ms must be > 0, got {max_query_ms}")
         started = time.perf_counter()
 
         transforms, fit_ids = [], None
         if pca_dimensions is not None:  # 0 is refused by the fit, not taken as "no PCA"
             if pca_fit is not None:
-                check_compatible(gallery.settings, pca_fit.settings, f"gallery {gallery.source}", f"--pca_fit {pca_fit.source}")
+                check_compatible(gallery.settings, pca_fit.settings, f"gallery {gallery.source}", f"pca_fit {pca_fit.source}")
                 fit_vectors, fit_source = pca_fit.features, pca_fit.source
             else:
                 fit_ids = _sample_ids(len(gallery), _PCA_SAMPLE_PER_DIMENSION * gallery.dimension, seed=1)
@@ -347,7 +347,7 @@ class FaissIndex(RetrievalIndex):
             try:
                 choice = autoindex.choose_index(len(gallery), space.dimension, max_index_memory)
             except ValueError as err:
-                raise RetrievalIndexError(f"memory budget {autoindex.human_bytes(max_index_memory)}: {err}") from None
+                raise RetrievalError(f"memory budget {autoindex.human_bytes(max_index_memory)}: {err}") from None
             factory = choice.factory
             logger.info("index for %d x %d vectors within %s: %s (%s; about %s)", len(gallery), space.dimension,
                         autoindex.human_bytes(max_index_memory), factory, choice.reason,
@@ -462,26 +462,26 @@ class FaissIndex(RetrievalIndex):
     @classmethod
     def load(cls, directory: Path, meta: dict[str, Any], faiss_device: str = "auto") -> "FaissIndex":
         if meta.get("version") == 1 and meta.get("pca"):
-            raise RetrievalIndexError(
+            raise RetrievalError(
                 f"{directory} was built by an older vitp that kept its PCA in a separate pca.npz; PCA is now part of "
                 f"the FAISS index: build it again with `vitp index build`"
             )
         try:
             index = faiss.read_index(str(directory / "index.faiss"))
         except RuntimeError as err:
-            raise RetrievalIndexError(f"{directory / 'index.faiss'}: unreadable FAISS index ({_faiss_reason(err)})") from None
+            raise RetrievalError(f"{directory / 'index.faiss'}: unreadable FAISS index ({_faiss_reason(err)})") from None
         try:
             with np.load(directory / "items.npz", allow_pickle=False) as items:
                 image_paths, labels = items["image_paths"].astype(str), items["labels"].astype(str)
             vectors = np.load(directory / "vectors.npy", mmap_mode="r") if meta.get("stores_vectors") else None
         except (OSError, ValueError, KeyError) as err:
-            raise RetrievalIndexError(f"{directory}: damaged index directory ({err})") from None
+            raise RetrievalError(f"{directory}: damaged index directory ({err})") from None
         if not len(image_paths) == len(labels) == index.ntotal:
-            raise RetrievalIndexError(
+            raise RetrievalError(
                 f"{directory}: items.npz lists {len(image_paths)} images but index.faiss holds {index.ntotal} vectors"
             )
         if meta["feature_dimension"] != index.d:
-            raise RetrievalIndexError(
+            raise RetrievalError(
                 f"damaged index {directory}: meta.json says {meta['feature_dimension']}-dimensional features, but "
                 f"the index (and its PCA) take {index.d}"
             )
@@ -579,8 +579,8 @@ def _train(index: faiss.Index, vectors: np.ndarray, factory: str, faiss_device: 
     try:
         device_index.train(np.ascontiguousarray(vectors, dtype=np.float32))
     except RuntimeError as err:
-        raise RetrievalIndexError(
-            f"--factory {factory!r}: training failed on {len(vectors)} gallery vectors: {_faiss_reason(err)} "
+        raise RetrievalError(
+            f"factory {factory!r}: training failed on {len(vectors)} gallery vectors: {_faiss_reason(err)} "
             f"(k-means needs at least as many training vectors as centroids: IVFn needs n, a PQ codebook 256; "
             f"about sqrt(N) IVF lists is the usual choice)"
         ) from None
@@ -595,8 +595,8 @@ def _add_all(index: faiss.Index, chunks, total: int, factory: str, faiss_device:
             try:
                 device_index.add(np.ascontiguousarray(chunk, dtype=np.float32))
             except RuntimeError as err:
-                raise RetrievalIndexError(
-                    f"--factory {factory!r}: FAISS cannot add the gallery vectors to this index ({_faiss_reason(err)}); "
+                raise RetrievalError(
+                    f"factory {factory!r}: FAISS cannot add the gallery vectors to this index ({_faiss_reason(err)}); "
                     f"vitp numbers the gallery itself, so use a factory without IDMap, e.g. 'Flat', 'IVF1024,Flat', 'HNSW32'"
                 ) from None
             bar.update(len(chunk))
@@ -635,7 +635,7 @@ def _database_side_augmentation(
     The result (N x d) is held in memory for a gallery from an .npz, in a temporary file for a store."""
     count = int(index.ntotal)
     if k >= count:
-        raise RetrievalIndexError(f"--dba {k}: the gallery has only {count} vectors; use fewer neighbours")
+        raise RetrievalError(f"dba {k}: the gallery has only {count} vectors; use fewer neighbours")
     search_index = to_search_device(index, faiss_device)
     augmented = _scratch_array(count, space.dimension, in_memory=hasattr(space.gallery, "features"))
     step = min(chunk_rows, gather_chunk_rows(k, space.dimension))
@@ -706,18 +706,17 @@ def _store_vector_source(store_path: str, index: faiss.Index, meta_pca: dict | N
     def take(ids: np.ndarray) -> np.ndarray:
         if not opened:
             from vitp.retrieval.embedding_store import EmbeddingStore
-            from vitp.retrieval.feature_file import FeatureFileError
 
             try:
                 opened.append(Space(EmbeddingStore.open(store_path), transforms))
-            except FeatureFileError as err:
-                raise RetrievalIndexError(
+            except RetrievalError as err:
+                raise RetrievalError(
                     f"this index keeps approximate vectors only; its exact vectors (for query expansion and "
                     f"full-ranking mAP) are read from the embedding store it was built from, which cannot be "
                     f"opened: {err}"
                 ) from None
             if len(opened[0].gallery) != index.ntotal:
-                raise RetrievalIndexError(f"the embedding store {store_path} now holds {len(opened[0].gallery)} vectors, "
+                raise RetrievalError(f"the embedding store {store_path} now holds {len(opened[0].gallery)} vectors, "
                                           f"the index {index.ntotal}: it changed since the index was built")
         return opened[0].take(ids)
 
@@ -731,7 +730,7 @@ def _check_fits_in_memory(nbytes: int, where: str | None) -> None:
     except (ValueError, OSError):
         return
     if nbytes > available:
-        raise RetrievalIndexError(
+        raise RetrievalError(
             f"full-ranking mAP needs every gallery vector in memory ({autoindex.human_bytes(nbytes)} read from "
             f"{where}), more than the {autoindex.human_bytes(available)} available; evaluate without full-ranking mAP"
         )

@@ -32,11 +32,11 @@ import numpy as np
 from vitp.progress import progress
 
 import vitp
+from vitp.errors import RetrievalError
 from vitp.retrieval.index import (
     INDEX_FORMAT,
     INDEX_VERSION,
     RetrievalIndex,
-    RetrievalIndexError,
     check_index_output,
     check_search_parameters,
     drop_excluded,
@@ -59,10 +59,6 @@ RETRY_FIRST_DELAY_S = 1.0
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
 
 
-class MilvusBackendError(RetrievalIndexError):
-    """Milvus refused or failed what was asked, after retrying."""
-
-
 def is_local_file(uri: str) -> bool:
     """A Milvus Lite database file (embedded) rather than the address of a Milvus server."""
     return "://" not in uri
@@ -76,7 +72,7 @@ def default_collection_name(directory: Path | str) -> str:
 
 def check_collection_name(name: str) -> None:
     if not _NAME.fullmatch(name):
-        raise RetrievalIndexError(f"Milvus collection name {name!r}: use letters, digits and underscores, starting "
+        raise RetrievalError(f"Milvus collection name {name!r}: use letters, digits and underscores, starting "
                                   f"with a letter or underscore (at most 255 characters)")
 
 
@@ -102,9 +98,9 @@ class Connection:
                 return (action if attempt == 1 or retry_action is None else retry_action)(self.client)
             except (MilvusException, ConnectionError, TimeoutError, OSError) as err:
                 if isinstance(err, MilvusException) and err.is_input_error:
-                    raise MilvusBackendError(f"Milvus at {self.uri} refused to {what}: {_reason(err)}") from None
+                    raise RetrievalError(f"Milvus at {self.uri} refused to {what}: {_reason(err)}") from None
                 if attempt == self.retries:
-                    raise MilvusBackendError(
+                    raise RetrievalError(
                         f"Milvus at {self.uri}: could not {what} after {self.retries} attempts: {_reason(err)}"
                     ) from None
                 logger.warning("Milvus at %s: could not %s (%s); retrying (%d of %d) in %.1f s",
@@ -123,7 +119,7 @@ class Connection:
             return MilvusClient(uri=self.uri, token=token) if token else MilvusClient(uri=self.uri)
         except Exception as err:
             if is_local_file(self.uri) and _locked_elsewhere(Path(self.uri) / "LOCK"):
-                raise MilvusBackendError(
+                raise RetrievalError(
                     f"Milvus Lite file {self.uri} is in use by another process, and a Milvus Lite file serves one "
                     f"process at a time: stop the other one (a `vitp serve`?), or put the collection on a Milvus "
                     f"server to use it from several processes"
@@ -212,10 +208,10 @@ class MilvusIndex(RetrievalIndex):
         check_search_parameters(search_parameters or {})
         check_collection_name(collection)
         if index_type not in INDEX_TYPES:
-            raise RetrievalIndexError(f"Milvus index type {index_type!r}: expected one of {', '.join(INDEX_TYPES)}")
+            raise RetrievalError(f"Milvus index type {index_type!r}: expected one of {', '.join(INDEX_TYPES)}")
         long_paths = [p for p in gallery.image_paths if len(str(p).encode()) > _MAX_VARCHAR]
         if long_paths:
-            raise RetrievalIndexError(f"{len(long_paths)} image paths are longer than Milvus's {_MAX_VARCHAR} bytes "
+            raise RetrievalError(f"{len(long_paths)} image paths are longer than Milvus's {_MAX_VARCHAR} bytes "
                                       f"(first: {long_paths[0][:80]}...)")
         connection = Connection(uri)
         digest = _source_digest(gallery)
@@ -236,7 +232,7 @@ class MilvusIndex(RetrievalIndex):
         connection.call("flush the collection", lambda client: client.flush(collection))
         count = _row_count(connection, collection)
         if count != len(gallery):
-            raise MilvusBackendError(f"collection {collection} at {uri} holds {count} rows after the build, not "
+            raise RetrievalError(f"collection {collection} at {uri} holds {count} rows after the build, not "
                                      f"{len(gallery)}; it stays marked unfinished: run the same build again")
         _set_properties(connection, collection, {_PROPERTY_COMPLETE: "true"})
         meta = _meta(uri, collection, build, gallery.settings, search_parameters or {})
@@ -268,21 +264,21 @@ class MilvusIndex(RetrievalIndex):
     def load(cls, directory: Path, meta: dict[str, Any]) -> "MilvusIndex":
         where = meta.get("milvus")
         if not isinstance(where, dict) or not isinstance(where.get("uri"), str) or not isinstance(where.get("collection"), str):
-            raise RetrievalIndexError(f"damaged index: {directory / 'meta.json'}: no Milvus uri and collection")
+            raise RetrievalError(f"damaged index: {directory / 'meta.json'}: no Milvus uri and collection")
         uri, collection = where["uri"], where["collection"]
         if is_local_file(uri) and not Path(uri).is_absolute():
             uri = str(directory / uri)
         if is_local_file(uri) and not Path(uri).exists():
-            raise RetrievalIndexError(f"{directory}: its Milvus Lite file {uri} does not exist")
+            raise RetrievalError(f"{directory}: its Milvus Lite file {uri} does not exist")
         connection = Connection(uri)
         if not connection.call("look up the collection", lambda client: client.has_collection(collection)):
-            raise RetrievalIndexError(f"{directory}: Milvus at {uri} has no collection {collection!r}")
+            raise RetrievalError(f"{directory}: Milvus at {uri} has no collection {collection!r}")
         properties = _properties(connection, collection)
         if _PROPERTY_BUILD not in properties:
-            raise RetrievalIndexError(f"Milvus collection {collection!r} at {uri} was not made by `vitp index build`")
+            raise RetrievalError(f"Milvus collection {collection!r} at {uri} was not made by `vitp index build`")
         build = json.loads(properties[_PROPERTY_BUILD])
         if properties.get(_PROPERTY_COMPLETE) != "true":
-            raise RetrievalIndexError(
+            raise RetrievalError(
                 f"Milvus collection {collection!r} at {uri} is unfinished (its build stopped before every vector was "
                 f"in): run the same `vitp index build` again to finish it"
             )
@@ -300,7 +296,7 @@ class MilvusIndex(RetrievalIndex):
         check_search_parameters(parameters)
         for name, value in parameters.items():
             if name not in _SEARCH_PARAMETER_NAMES:
-                raise RetrievalIndexError(f"search parameter {name} does not apply to a Milvus collection "
+                raise RetrievalError(f"search parameter {name} does not apply to a Milvus collection "
                                           f"(known: {', '.join(_SEARCH_PARAMETER_NAMES)})")
             self.search_params[_SEARCH_PARAMETER_NAMES[name]] = int(value)
 
@@ -310,7 +306,7 @@ class MilvusIndex(RetrievalIndex):
     def top_k(self, queries: np.ndarray, k: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         depth = k + (exclude is not None)
         if depth > _MAX_TOP_K:
-            raise RetrievalIndexError(f"Milvus returns at most {_MAX_TOP_K} results per query; asked for {depth}")
+            raise RetrievalError(f"Milvus returns at most {_MAX_TOP_K} results per query; asked for {depth}")
         scores = np.full((len(queries), depth), -np.inf, dtype=np.float32)
         ids = np.full((len(queries), depth), -1, dtype=np.int64)
         step = _batch_rows(self.dimension)
@@ -336,7 +332,7 @@ class MilvusIndex(RetrievalIndex):
             position = {int(row["id"]): np.asarray(row["vector"], dtype=np.float32) for row in rows}
             missing = [int(i) for i in wanted if int(i) not in position]
             if missing:
-                raise MilvusBackendError(f"collection {self.collection} lacks rows {missing[:5]}: it changed since it was built")
+                raise RetrievalError(f"collection {self.collection} lacks rows {missing[:5]}: it changed since it was built")
             found[start : start + len(wanted)] = [position[int(i)] for i in wanted]
         return found[inverse]
 
@@ -361,7 +357,7 @@ def _refuse_faiss_options(options: dict[str, Any]) -> None:
     given = {name: value for name, value in options.items()
              if value not in (None, False, 0, 0.0, "auto") and name not in ("progress_bar", "measure_recall", "faiss_device")}
     if given:
-        raise RetrievalIndexError(
+        raise RetrievalError(
             f"{', '.join(sorted(given))}: not available with Milvus (PCA, whitening, DBA and memory budgets shape a "
             f"FAISS index; a Milvus collection holds the features as they are)"
         )
@@ -388,7 +384,7 @@ def _resume_point(connection: Connection, collection: str, digest: str, count: i
         return None
     properties = _properties(connection, collection)
     if _PROPERTY_BUILD not in properties:
-        raise RetrievalIndexError(f"Milvus collection {collection!r} at {connection.uri} exists and was not made by "
+        raise RetrievalError(f"Milvus collection {collection!r} at {connection.uri} exists and was not made by "
                                   f"vitp; not overwriting it (choose another collection name)")
     build = json.loads(properties[_PROPERTY_BUILD])
     if properties.get(_PROPERTY_COMPLETE) != "true" and build.get("source_digest") == digest:
@@ -452,7 +448,7 @@ def _read_items(connection: Connection, collection: str, count: int) -> tuple[np
         for row in rows:
             paths[row["id"]], labels[row["id"]] = row["path"], row["label"]
     if any(path is None for path in paths):
-        raise RetrievalIndexError(f"Milvus collection {collection} lacks some of its {count} rows")
+        raise RetrievalError(f"Milvus collection {collection} lacks some of its {count} rows")
     return paths.astype(str), labels.astype(str)
 
 

@@ -8,11 +8,9 @@
 """
 
 from vitp.retrieval.extract.embedder import FeatureModel, extraction_settings, load_feature_model
-from vitp.retrieval.extract.reader import ExtractionError
 from vitp.retrieval.extract.run import ExtractionResult, embed_files, extract_features
 
 __all__ = [
-    "ExtractionError",
     "ExtractionResult",
     "FeatureModel",
     "embed_files",

@@ -18,11 +18,10 @@ import torch
 import torch.nn.functional as F
 
 import vitp
-from vitp.retrieval.extract.reader import ExtractionError
+from vitp.errors import ConfigError
+from vitp.options import POOLS, PRECISIONS, torch_dtype
 from vitp.retrieval.feature_file import FEATURES_FORMAT
 
-POOLS = ("mean", "cls")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(device: str, local_rank: int | None = None) -> torch.device:
@@ -31,10 +30,10 @@ def resolve_device(device: str, local_rank: int | None = None) -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ExtractionError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__})")
+        raise ConfigError(f"device {device}: CUDA is not available on this machine (torch {torch.__version__})")
     if device == "cuda" and local_rank is not None:
         if local_rank >= torch.cuda.device_count():
-            raise ExtractionError(
+            raise ConfigError(
                 f"local rank {local_rank} has no GPU of its own: this node has {torch.cuda.device_count()}; "
                 f"start at most that many processes per node (torchrun --nproc_per_node)"
             )
@@ -42,7 +41,7 @@ def resolve_device(device: str, local_rank: int | None = None) -> torch.device:
     try:
         return torch.device(device)
     except RuntimeError:
-        raise ExtractionError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N") from None
+        raise ValueError(f"device {device!r}: expected auto, cpu, cuda or cuda:N") from None
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> str:
@@ -52,8 +51,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> str:
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "fp32"
-    if dtype not in DTYPES:
-        raise ExtractionError(f"--dtype {dtype!r}: expected auto, {', '.join(DTYPES)}")
+    if dtype not in PRECISIONS:
+        raise ValueError(f"dtype {dtype!r}: expected auto, {', '.join(PRECISIONS)}")
     return dtype
 
 
@@ -99,7 +98,7 @@ def load_feature_model(
     dtype_name = resolve_dtype(dtype, torch_device)
     model = vitp.load_vit(vit_checkpoint, config=vit_config, image_size=image_size, dtype=torch.float32)
     fingerprint = model_fingerprint(model)
-    model = model.to(torch_device, DTYPES[dtype_name]).eval()
+    model = model.to(torch_device, torch_dtype(dtype_name)).eval()
     return FeatureModel(model, str(Path(vit_checkpoint).resolve()), fingerprint, torch_device, dtype_name)
 
 
@@ -107,11 +106,11 @@ def extraction_settings(feature_model: FeatureModel, select_layer: int, pool: st
     """What produced a set of features; stored in the features file and in every index built from it."""
     model = feature_model.model
     if pool not in POOLS:
-        raise ExtractionError(f"--pool {pool!r}: expected one of {', '.join(POOLS)}")
+        raise ValueError(f"pool {pool!r}: expected one of {', '.join(POOLS)}")
     try:
         layer = model.resolve_layer(select_layer)
     except ValueError as err:
-        raise ExtractionError(f"--select_layer: {err}") from None
+        raise ConfigError(str(err)) from None
     return {
         "format": FEATURES_FORMAT,
         "vitp_version": vitp.__version__,

@@ -21,13 +21,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vitp.data.images import DEFAULT_MAX_PIXELS, ImageError, build_transform, iter_image_files, load_image
-from vitp.errors import VitpError
+from vitp.errors import RetrievalError
 
 logger = logging.getLogger("vitp")
-
-
-class ExtractionError(VitpError):
-    """Feature extraction cannot start or continue."""
 
 
 def list_images(image_dir: Path) -> list[Path]:
@@ -105,8 +101,8 @@ def default_num_workers() -> int:
 
 def check_num_workers(num_workers: int | None) -> None:
     if num_workers is not None and num_workers < 0:
-        raise ExtractionError(
-            f"--num_workers {num_workers}: must be >= 0 (0 decodes images in the main process; "
+        raise RetrievalError(
+            f"num_workers {num_workers}: must be >= 0 (0 decodes images in the main process; "
             f"default min(8, CPU count) = {default_num_workers()})"
         )
 
@@ -132,6 +128,6 @@ def warn_about_images_in_the_root(image_dir: Path, files: list[Path]) -> None:
     in_root = [path for path in files if path.parent == root]
     if in_root:
         logger.warning(
-            "%d of the %d images are directly in --image_dir %s, not in a class folder: their label (class) is "
+            "%d of the %d images are directly in image_dir %s, not in a class folder: their label (class) is "
             "the root folder's name %r (first: %s)", len(in_root), len(files), image_dir, root.name, in_root[0].name
         )

@@ -29,11 +29,12 @@ from vitp.progress import progress
 
 import vitp
 from vitp.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
+from vitp.errors import RetrievalError
+from vitp.options import STORE_DTYPES
 from vitp.retrieval import embedding_store
 from vitp.retrieval.extract import embedder
 from vitp.retrieval.extract.embedder import FeatureModel, extraction_settings, load_feature_model
 from vitp.retrieval.extract.reader import (
-    ExtractionError,
     FileStamp,
     ImageBatch,
     ImageFiles,
@@ -118,7 +119,7 @@ def extract_features(
         check_store_output(output)
     files = list_images(image_dir)
     if not files:
-        raise ExtractionError(f"--image_dir {image_dir}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
+        raise RetrievalError(f"image_dir {image_dir}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
 
     with launched_world() as world:
         if world.is_main:
@@ -127,7 +128,7 @@ def extract_features(
         check_same_file_list(names, world)
         if feature_model is None:
             if vit_checkpoint is None:
-                raise ExtractionError("a ViT checkpoint is needed (--vit_checkpoint)")
+                raise RetrievalError("a ViT checkpoint is needed (vit_checkpoint)")
             feature_model = load_feature_model(
                 vit_checkpoint, vit_config=vit_config, image_size=image_size, device=device, dtype=dtype,
                 local_rank=world.local_rank,
@@ -182,16 +183,16 @@ def extract_features(
 def _check_arguments(image_dir: Path, batch_size: int, shard_size: int, num_workers: int | None, max_pixels: int,
                      store_dtype: str, store_shard_size: int) -> None:
     if batch_size < 1 or shard_size < 1:
-        raise ExtractionError(f"--batch_size and --shard_size must be >= 1 (got {batch_size} and {shard_size})")
+        raise RetrievalError(f"batch_size and shard_size must be >= 1 (got {batch_size} and {shard_size})")
     if store_shard_size < 1:
-        raise ExtractionError(f"store_shard_size must be >= 1, got {store_shard_size}")
+        raise RetrievalError(f"store_shard_size must be >= 1, got {store_shard_size}")
     check_num_workers(num_workers)
     if max_pixels < 1:  # 0 would skip every image as "too large"
-        raise ExtractionError(f"--max_pixels {max_pixels}: must be >= 1 (leave it out for Pillow's bomb limit)")
-    if store_dtype not in embedding_store.STORE_DTYPES:
-        raise ExtractionError(f"store_dtype {store_dtype!r}: expected one of {', '.join(embedding_store.STORE_DTYPES)}")
+        raise RetrievalError(f"max_pixels {max_pixels}: must be >= 1 (leave it out for Pillow's bomb limit)")
+    if store_dtype not in STORE_DTYPES:
+        raise ValueError(f"store_dtype {store_dtype!r}: expected one of {', '.join(STORE_DTYPES)}")
     if not image_dir.is_dir():
-        raise ExtractionError(f"--image_dir {image_dir}: not a directory")
+        raise RetrievalError(f"image_dir {image_dir}: not a directory")
 
 
 def embed_files(
@@ -207,7 +208,7 @@ def embed_files(
 ) -> tuple[FeatureSet | None, list[tuple[str, str]]]:
     """Features of a few files in memory (queries): no shards. Returns (features or None, skipped)."""
     if batch_size < 1:
-        raise ExtractionError(f"--batch_size must be >= 1, got {batch_size}")
+        raise RetrievalError(f"batch_size must be >= 1, got {batch_size}")
     check_num_workers(num_workers)
     settings = extraction_settings(feature_model, select_layer, pool, max_pixels)
     dataset = ImageFiles(paths, feature_model.image_size, max_pixels)

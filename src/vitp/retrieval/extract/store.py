@@ -34,11 +34,12 @@ from typing import Any
 
 import numpy as np
 
+from vitp.errors import RetrievalError
+from vitp.files import atomic_path, check_parent_folders, write_json
 from vitp.retrieval import embedding_store
-from vitp.retrieval.extract.reader import ExtractionError, FileStamp, rank_batches
+from vitp.retrieval.extract.reader import FileStamp, rank_batches
 from vitp.retrieval.extract.world import World
 from vitp.retrieval.feature_file import FeatureSet, labels_from_paths, replace_directory, save_features, write_npz
-from vitp.tensor_io import atomic_path, check_parent_folders, write_json
 
 logger = logging.getLogger("vitp")
 
@@ -65,7 +66,7 @@ def check_store_output(directory: Path) -> None:
         not directory.is_dir()
         or (any(directory.iterdir()) and not (directory / embedding_store.STORE_MANIFEST).is_file())
     ):
-        raise ExtractionError(f"{directory}: exists and is not an embedding store; not overwriting it")
+        raise RetrievalError(f"{directory}: exists and is not an embedding store; not overwriting it")
     check_parent_folders(directory)
 
 
@@ -208,13 +209,13 @@ def open_partial_run(output: Path, settings: dict[str, Any], restart: bool, worl
     if world.is_main:
         try:
             _prepare_partial_directory(directory, settings, restart)
-        except ExtractionError as err:
+        except RetrievalError as err:
             problem = str(err)
     problem = world.gather(problem)[0]
     if problem:
-        raise ExtractionError(problem)
+        raise RetrievalError(problem)
     if not (directory / "manifest.json").is_file():
-        raise ExtractionError(
+        raise RetrievalError(
             f"{world.describe()} cannot see {directory / 'manifest.json'}, which rank 0 wrote: the output of a "
             f"multi-node run must be on a file system that every node shares"
         )
@@ -231,8 +232,8 @@ def _prepare_partial_directory(directory: Path, settings: dict[str, Any], restar
             previous = json.loads(manifest_path.read_text(encoding="utf-8"))
             previous_settings = previous["settings"]
         except (OSError, ValueError, KeyError, TypeError) as err:
-            raise ExtractionError(
-                f"{manifest_path}: unreadable ({err}); remove {directory} or pass --restart to start over"
+            raise RetrievalError(
+                f"{manifest_path}: unreadable ({err}); remove {directory} or restart the extraction (restart)"
             ) from None
         if previous.get("layout") != PARTIAL_LAYOUT:
             logger.warning("%s was written by an older vitp; starting over", directory)
@@ -244,9 +245,9 @@ def _prepare_partial_directory(directory: Path, settings: dict[str, Any], restar
                 if previous_settings.get(key) != settings.get(key)
             ]
             if differences:
-                raise ExtractionError(
+                raise RetrievalError(
                     f"{directory} holds a partial run made with different settings:\n  " + "\n  ".join(differences)
-                    + "\nRun with the same settings to continue it, or pass --restart to discard it."
+                    + "\nRun with the same settings to continue it, or restart it to discard it."
                 )
     if previous is None and directory.exists():
         # Without a (current) manifest nothing says how its shards were made, so they cannot be trusted.
@@ -266,7 +267,7 @@ def check_same_file_list(names: list[str], world: World) -> None:
     seen = world.gather((len(names), digest))
     for rank, (count, other) in enumerate(seen):
         if other != seen[0][1]:
-            raise ExtractionError(
+            raise RetrievalError(
                 f"rank {rank} lists {count} images under the image folder and rank 0 lists {seen[0][0]} (or other "
                 f"ones): every node must see the same image folder"
             )
@@ -299,8 +300,8 @@ def finish_output(
     kept = [name for name in names if name in done.rows]
     skipped = [(name, done.skipped.get(name, "not processed (internal error)")) for name in names if name not in done.rows]
     if not kept:
-        raise ExtractionError(
-            f"--image_dir {settings['image_dir']}: none of the {len(names)} image files could be read; "
+        raise RetrievalError(
+            f"image_dir {settings['image_dir']}: none of the {len(names)} image files could be read; "
             f"first: {skipped[0][0]}: {skipped[0][1]}"
         )
     settings = {**settings, "num_images": len(kept), "num_skipped": len(skipped)}
