@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vitp import build_vit
-from vitp.data.template import prepare_tokenizer
+from vitp.data.templates import prepare_tokenizer
 from vitp.data.tokenizer import train_tokenizer
 from vitp_testing import randomize_
 

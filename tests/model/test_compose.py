@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 from transformers import InternVLForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM
 
 from vitp import WeightFormatError, build_vit, save_vit
-from vitp.data.template import IMG_CONTEXT
+from vitp.data.templates import IMG_CONTEXT
 from vitp.model.checkpoint import compose_vlm, save_vlm
 from vitp_testing import internlm2_logits, randomize_, write_internlm2_causal_lm
 

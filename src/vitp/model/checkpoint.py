@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from accelerate import init_empty_weights
 
-from vitp.data.template import IMG_CONTEXT, prepare_tokenizer
+from vitp.data.templates import IMG_CONTEXT, prepare_tokenizer
 from vitp.data.tokenizer import load_tokenizer
 from vitp.errors import ConfigError, WeightFormatError
 from vitp.files import write_json
