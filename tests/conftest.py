@@ -17,8 +17,9 @@ torch.set_num_threads(2)
 
 
 def pytest_collection_modifyitems(config, items):
-    """`gpu` tests need CUDA: skipped, with the reason, on machines without it."""
-    if torch.cuda.is_available():
+    """`gpu` tests need CUDA: skipped, with the reason, on machines without it (unless
+    VITP_GPU_TESTS_ON_CPU=1: the CPU dry run of benchmarks/gpu_check.sh runs them on tiny models)."""
+    if torch.cuda.is_available() or os.environ.get("VITP_GPU_TESTS_ON_CPU") == "1":
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (benchmarks/gpu_check.sh runs these)")
     for item in items:
