@@ -202,7 +202,8 @@ def train(args: argparse.Namespace) -> int:
     config = VLMConfig(vision=PRESETS[sizes["vit"]], text=sizes["llm"],
                        image_token_id=tokenizer.convert_tokens_to_ids(IMG_CONTEXT))
     torch.manual_seed(0)
-    model = VisionLanguageModel(config).to(device).train()  # fp32 weights, as the Trainer keeps them
+    with torch.device(device):  # built where it runs: initialising 0.8B parameters on the CPU takes long
+        model = VisionLanguageModel(config).train()  # fp32 weights, as the Trainer keeps them
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda)
     ids, mask, labels, pixels, tiles = make_batch(model, sizes["samples"], sizes["tiles"], sizes["text"], device)
     tokens = int(mask.sum())
