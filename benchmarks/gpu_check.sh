@@ -93,7 +93,7 @@ if [ "$DRY_RUN" = 0 ]; then
     HAVE_DEEPSPEED=1
   else
     echo "== deepspeed missing: pip install deepspeed (package index only, at most 120 s)"
-    if timeout 120 "$PYTHON" -m pip install --quiet --disable-pip-version-check deepspeed > "$WORK/pip.log" 2>&1 \
+    if timeout 120 "$PYTHON" -m pip install --quiet --disable-pip-version-check --retries 1 --timeout 15 deepspeed > "$WORK/pip.log" 2>&1 \
        && "$PYTHON" -c "import deepspeed" 2>/dev/null; then
       HAVE_DEEPSPEED=1
       record deepspeed-install pass 0 "installed from the package index"

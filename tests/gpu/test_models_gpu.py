@@ -22,6 +22,7 @@ pytestmark = pytest.mark.gpu
 
 BF16_FLOOR = 1e-2  # relative error bf16 may always have (8 mantissa bits: about 4e-3 per rounding)
 BF16_SLACK = 2.0  # vitp in bf16 may be at most this many times further from fp32 than transformers in bf16
+BF16_CEILING = 5e-2  # and never further than this (InternViT-300M measured 1.2 % on a CPU, both libraries)
 FP32_RELATIVE = 1e-4  # fp32 on the device, TF32 off: only the order of the sums differs
 PACKED_BF16_RELATIVE = 1.5e-2  # a loss computed in a packed row vs alone, in bf16
 PACKED_FP32_ABSOLUTE = 1e-4
@@ -33,7 +34,7 @@ def relative(value: torch.Tensor, truth: torch.Tensor) -> float:
 
 def assert_bf16_close(ours: torch.Tensor, theirs: torch.Tensor, truth: torch.Tensor, what: str) -> None:
     ours_error, theirs_error = relative(ours, truth), relative(theirs, truth)
-    assert ours_error <= max(BF16_SLACK * theirs_error, BF16_FLOOR), (what, ours_error, theirs_error)
+    assert ours_error <= min(max(BF16_SLACK * theirs_error, BF16_FLOOR), BF16_CEILING), (what, ours_error, theirs_error)
 
 
 def test_vit_in_bf16_matches_transformers_and_takes_the_flash_kernel(lively_vit, device, tmp_path):
@@ -73,9 +74,9 @@ def image_text_batch(model, pad_id: int, device: str):
     return [t.to(device) for t in (ids, mask, labels, pixels, torch.tensor([3, 2]))]
 
 
-def test_vlm_logits_in_bf16_match_transformers(bpe_tokenizer, device, tmp_path):
+def test_vlm_logits_in_bf16_match_transformers(bpe_tokenizer, device, vlm_preset, tmp_path):
     torch.manual_seed(0)
-    ours = lively_(build_vlm("internvl-small" if device == "cuda" else "internvl-tiny", bpe_tokenizer)).eval()
+    ours = lively_(build_vlm(vlm_preset, bpe_tokenizer)).eval()
     save_vlm(ours, tmp_path, bpe_tokenizer)
     theirs = InternVLForConditionalGeneration.from_pretrained(tmp_path).to(device).eval()
     ours.to(device)
