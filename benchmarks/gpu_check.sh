@@ -7,7 +7,7 @@
 # Steps, each with its own time budget (the rest are skipped with a note once the total is spent):
 #   environment  CUDA, the GPU, DeepSpeed (pip-installed from the package index if missing and possible)
 #   prepare      a small image + conversation data set and its tokenizer
-#   gpu-tests    pytest -m gpu tests/gpu: ViT/VLM vs transformers in bf16, flash SDPA, packed kernels,
+#   gpu-tests    pytest -m gpu (tests/gpu and the other gpu-marked tests): ViT/VLM vs transformers in bf16, flash SDPA, packed kernels,
 #                TMAug drop, `vitp features` on the GPU vs the CPU, GPU FAISS vs CPU FAISS
 #   torchrun, zero1, zero2, zero3, fsdp2
 #                two steps of `vitp pretrain` under torchrun --nproc_per_node 1, saved, resumed to a
@@ -105,7 +105,10 @@ fi
 
 # --- the steps (budgets sum to about the total: later steps are cut or skipped when earlier ones overrun)
 run_step prepare 60 "${BENCH[@]}" prepare --work "$WORK"
-run_step gpu-tests 120 "$PYTHON" -m pytest tests/gpu -m gpu -q -p no:cacheprovider -rs
+# every gpu-marked test on a GPU; on the CPU the device-agnostic ones of tests/gpu (others call .cuda())
+TESTS=tests
+[ "$DRY_RUN" = 1 ] && TESTS=tests/gpu
+run_step gpu-tests 120 "$PYTHON" -m pytest "$TESTS" -m gpu -q -p no:cacheprovider -rs
 run_step torchrun 75 "${BENCH[@]}" resume --work "$WORK" --name torchrun "${DRY_FLAG[@]}"
 for stage in 1 2 3; do
   if [ "$DRY_RUN" = 1 ]; then
