@@ -5,7 +5,9 @@ import argparse
 import pytest
 
 from vitp.cli import build_parser
-from vitp.cli.types import byte_size, fraction, int_at_least, json_object, non_negative_int, port, positive_float, positive_int
+from vitp.cli.types import (
+    byte_size, fraction, int_at_least, json_object, non_negative_float, non_negative_int, port, positive_float, positive_int,
+)
 from vitp_testing import parser_refusal
 
 
@@ -16,6 +18,7 @@ from vitp_testing import parser_refusal
         (non_negative_int, {"0": 0, "7": 7}, {"-1": ">= 0", "two": "whole number"}),
         (int_at_least(268, "bytes", most=300), {"268": 268, "300": 300}, {"267": "from 268 to 300", "301": "from 268"}),
         (positive_float, {"0.5": 0.5, "300": 300.0}, {"0": "> 0", "-1": "> 0", "nan": "> 0", "inf": "> 0", "x": "a number"}),
+        (non_negative_float, {"0": 0.0, "3": 3.0}, {"-0.5": ">= 0", "inf": ">= 0", "x": "a number"}),
         (fraction, {"0": 0.0, "0.25": 0.25}, {"1": "[0, 1)", "-0.1": "[0, 1)", "nan": "[0, 1)"}),
         (port, {"0": 0, "65535": 65535}, {"65536": "between 0 and 65535", "-1": "between 0 and 65535"}),
         (byte_size, {"512MB": 512 * 2**20, "4GB": 4 * 2**30}, {"0GB": "more than 0 bytes", "lots": "lots"}),
@@ -83,6 +86,8 @@ def test_a_bad_extraction_value_is_refused_before_any_model_is_loaded(argv, phra
         (["evaluate", "--ef_search", "0"], "argument --ef_search"),
         (["evaluate", "--pca", "0"], "argument --pca: 0: must be >= 1"),
         (["evaluate", "--dba", "-1"], "argument --dba: -1: must be >= 0"),
+        (["evaluate", "--qe_alpha", "-1"], "argument --qe_alpha: -1: must be a number >= 0"),
+        (["evaluate", "--dba_alpha", "-3"], "argument --dba_alpha"),
         (["index", "build", "--features", "f", "--output", "o", "--max_query_ms", "0"], "argument --max_query_ms"),
         (["serve", "--index", "i", "--port", "70000"], "argument --port: 70000: must be between 0 and 65535"),
         (["serve", "--index", "i", "--max_k", "0"], "argument --max_k"),

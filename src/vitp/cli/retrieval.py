@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from vitp.cli.types import (
-    byte_size, faiss_device_option, json_object, int_at_least, non_negative_int, positive_float, positive_int, progress_option,
+    byte_size, faiss_device_option, json_object, int_at_least, non_negative_float, non_negative_int, positive_float, positive_int, progress_option,
     vit_options,
 )
 from vitp.options import BACKENDS, POOLS, STORE_DTYPES
@@ -37,7 +37,7 @@ def _add_search_parameter_flags(parser: argparse.ArgumentParser) -> None:
 def _add_query_expansion_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--qe", type=non_negative_int, default=0, metavar="K",
                         help="query expansion: search again with the query plus its top K results (0 = off)")
-    parser.add_argument("--qe_alpha", type=float, default=0.0,
+    parser.add_argument("--qe_alpha", type=non_negative_float, default=0.0,
                         help="QE weights: result i weighs max(score_i, 0)**alpha; 0 = average QE, 3 = a usual alpha-QE")
 
 
@@ -50,7 +50,7 @@ def _add_gallery_postprocessing_flags(parser: argparse.ArgumentParser) -> None:
                         help="learn PCA on these features instead of the gallery (same model and settings)")
     parser.add_argument("--dba", type=non_negative_int, default=0, metavar="K",
                         help="database-side augmentation: each gallery vector plus its K nearest gallery neighbours (0 = off)")
-    parser.add_argument("--dba_alpha", type=float, default=0.0,
+    parser.add_argument("--dba_alpha", type=non_negative_float, default=0.0,
                         help="DBA weights: neighbour i weighs max(score_i, 0)**alpha; 0 = plain average")
 
 

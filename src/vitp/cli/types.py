@@ -57,6 +57,14 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """A number >= 0 (inf and nan refused)."""
+    value = _number(text, float)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text}: must be a number >= 0")
+    return value
+
+
 def fraction(text: str) -> float:
     """A fraction of a whole, in [0, 1)."""
     value = _number(text, float)
