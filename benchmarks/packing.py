@@ -63,7 +63,7 @@ def build(meta: Path, args: argparse.Namespace):
     from vitp.data.templates import IMG_CONTEXT, prepare_tokenizer
     from vitp.data.tokenizer import conversation_texts, train_tokenizer
     from vitp.model.vision import PRESETS
-    from vitp.model.vlm import VisionLanguageModel, VLMConfig
+    from vitp.model.vlm import VLMConfig
     from vitp.train.arguments import DataTrainingArguments
     from vitp.train.packing import PackedBatchSampler, PackedCollator, PackedItems
 

@@ -75,7 +75,7 @@ def print_memory(args: argparse.Namespace) -> None:
     estimate = memory_estimate(config, args.gpus)
     print(f"{args.preset}: {estimate['parameters'] / 1e9:.2f}B parameters, {config.num_layers} layers, "
           f"{config.num_patches + 1} tokens per {config.image_size}px tile (bf16 activations)")
-    print(f"feature extraction (bf16, no gradients):")
+    print("feature extraction (bf16, no gradients):")
     print(f"  weights                         {estimate['weights_bf16'] / GB:7.1f} GB")
     print(f"  activations per image           {estimate['extract_per_image'] / GB:7.3f} GB"
           f"  -> batch 64: {(estimate['weights_bf16'] + 64 * estimate['extract_per_image']) / GB:.1f} GB in all")

@@ -346,3 +346,15 @@ def write_internlm2_internvl_checkpoint(directory, seed=0, template="internvl2_5
     llm_weights = random_internlm2_weights(llm_config, seed=seed)
     vision_model, mlp1 = write_internvl_remote_checkpoint(directory, llm_config, llm_weights, seed=seed, template=template)
     return {"llm_config": llm_config, "llm_weights": llm_weights, "vision_model": vision_model, "mlp1": mlp1}
+
+
+def parser_refusal(argv, capsys) -> str:
+    """stderr of a `vitp` command line its argument parser refuses (exit 2, before any handler runs)."""
+    import pytest
+
+    from vitp.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err

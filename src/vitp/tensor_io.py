@@ -8,7 +8,6 @@ Every failure is a :class:`~vitp.errors.WeightFormatError` that names the file.
 
 from __future__ import annotations
 
-import os
 import pickle
 import warnings
 from pathlib import Path

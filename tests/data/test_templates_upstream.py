@@ -12,7 +12,6 @@ text it tokenises.
 """
 
 import pytest
-import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 

@@ -7,6 +7,7 @@ from vitp.data.tokenizer import MIN_VOCAB_SIZE, train_tokenizer, train_tokenizer
 from vitp.errors import DataError
 
 from data_testing import conversation, write_dataset
+from vitp_testing import parser_refusal
 
 LONE_SURROGATE = r'{"conversations": [{"from": "human", "value": "A \ud800"}, {"from": "gpt", "value": "a"}]}'
 
@@ -40,12 +41,11 @@ def test_no_usable_text_is_refused(tmp_path, capsys, lines, reason):
 @pytest.mark.parametrize("vocab_size", [MIN_VOCAB_SIZE - 1, 0, -5])
 def test_vocab_size_below_bytes_and_specials_is_refused(tmp_path, capsys, vocab_size):
     meta_path = write_dataset(tmp_path, [{"conversations": conversation("hi", "ho")}])
-    code = main(["tokenizer", "train", "--meta_path", str(meta_path), "--output_dir", str(tmp_path / "tok"),
-                 "--vocab_size", str(vocab_size)])
-    assert code == 2
-    assert f"vocab_size must be at least {MIN_VOCAB_SIZE} (256 bytes + 12 special tokens), got {vocab_size}" in (
-        capsys.readouterr().err
-    )
+    err = parser_refusal(["tokenizer", "train", "--meta_path", str(meta_path), "--output_dir", str(tmp_path / "tok"),
+                          "--vocab_size", str(vocab_size)], capsys)
+    assert f"argument --vocab_size: {vocab_size}: must be from {MIN_VOCAB_SIZE}" in err and "256 bytes" in err
+    with pytest.raises(ValueError, match="vocab_size"):  # a Python caller
+        train_tokenizer(["a harbour with boats"], vocab_size=vocab_size)
 
 
 def test_the_minimum_vocab_size_gives_exactly_that_many_tokens():

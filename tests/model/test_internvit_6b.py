@@ -14,11 +14,6 @@ from vitp import PRESETS, build_vit, inspect_checkpoint, load_vit, save_vit
 from vitp.cli import main
 from vitp.model.vision import count_parameters
 from vitp_testing import TINY_6B_HF, draw_shape, hf_to_remote_code, internvit_remote_config, layer_differences, randomize_
-
-TINY_6B_HF = dict(
-    hidden_size=100, num_hidden_layers=2, num_attention_heads=5, intermediate_size=400, image_size=112,
-    patch_size=14, attention_bias=False, use_qk_norm=True, norm_type="rms_norm", layer_norm_eps=1e-6,
-)
 TOLERANCE = 1e-5
 
 

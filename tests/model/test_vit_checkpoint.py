@@ -18,7 +18,7 @@ from transformers import (
 )
 
 from vitp_testing import TINY_6B_HF, TINY_VISION_HF, hf_to_remote_code, layer_differences, randomize_
-from vitp import ConfigError, WeightFormatError, build_vit, inspect_checkpoint, load_vit, save_vit
+from vitp import WeightFormatError, build_vit, inspect_checkpoint, load_vit, save_vit
 
 TINY_HF = TINY_VISION_HF
 TOLERANCE = 1e-5

@@ -109,30 +109,6 @@ def _random_gallery(tmp_path, count=40, classes=4):
     return save_features(features, tmp_path / "g.npz")
 
 
-def test_search_parameters_below_one_are_refused_before_any_work(tmp_path, capsys):
-    gallery = _random_gallery(tmp_path)
-    assert main(["index", "build", "--features", str(gallery), "--output", str(tmp_path / "i"), "--factory",
-                 "IVF2,Flat", "--nprobe", "0", "--no_progress"]) == 2
-    assert "nprobe 0: must be a whole number >= 1" in capsys.readouterr().err
-    assert not (tmp_path / "i").exists()
-    assert main(["index", "build", "--features", str(gallery), "--output", str(tmp_path / "h"), "--factory",
-                 "HNSW8", "--no_progress"]) == 0
-    assert main(["search", "--index", str(tmp_path / "h"), "--query_features", str(gallery), "--ef_search", "-1"]) == 2
-    assert "efSearch -1: must be" in capsys.readouterr().err
-
-
-def test_negative_query_expansion_and_dba_are_refused(tmp_path, capsys):
-    gallery = _random_gallery(tmp_path)
-    assert main(["index", "build", "--features", str(gallery), "--output", str(tmp_path / "i"), "--dba", "-2",
-                 "--no_progress"]) == 2
-    assert "dba -2: database-side augmentation takes a number of neighbours >= 0" in capsys.readouterr().err
-    assert main(["index", "build", "--features", str(gallery), "--output", str(tmp_path / "i"), "--no_progress"]) == 0
-    assert main(["search", "--index", str(tmp_path / "i"), "--query_features", str(gallery), "--qe=-3",
-                 "--output", str(tmp_path / "r.json")]) == 2
-    assert "qe -3: query expansion takes a number of neighbours >= 0" in capsys.readouterr().err
-    assert not (tmp_path / "r.json").exists()
-
-
 def test_search_printing_and_contact_sheet_follow_the_flags(tmp_path, capsys):
     gallery = _random_gallery(tmp_path)
     assert main(["index", "build", "--features", str(gallery), "--output", str(tmp_path / "i"), "--no_progress"]) == 0
@@ -145,10 +121,8 @@ def test_search_printing_and_contact_sheet_follow_the_flags(tmp_path, capsys):
     assert main([*search, "--show", "2", "--output", str(tmp_path / "r.csv")]) == 0
     assert "... 38 more queries (all of them are in the output files" in capsys.readouterr().out
 
-    assert main([*search, "--show", "-1"]) == 2
-    assert "show -1: must be >= 0" in capsys.readouterr().err
     assert main([*search, "--show", "0", "--contact_sheet", str(tmp_path / "none.png")]) == 2
-    assert "show must be >= 1" in capsys.readouterr().err and not (tmp_path / "none.png").exists()
+    assert "must be >= 1" in capsys.readouterr().err and not (tmp_path / "none.png").exists()
     assert main([*search, "--contact_sheet", str(tmp_path / "sheet.xyz")]) == 2
     assert "cannot write a picture named .xyz" in capsys.readouterr().err
 

@@ -137,13 +137,13 @@ def test_features_file_round_trip_and_damage(tmp_path):
         load_features(tmp_path / "text.npz")
 
 
-@pytest.mark.parametrize("parameters, flag", [({"nprobe": 0}, "nprobe 0"), ({"efSearch": -3}, "efSearch -3")])
-def test_search_parameters_below_one_are_refused(parameters, flag):
+@pytest.mark.parametrize("parameters, name", [({"nprobe": 0}, "nprobe 0"), ({"efSearch": -3}, "efSearch -3")])
+def test_search_parameters_below_one_are_refused(parameters, name):
     gallery = random_features(600)
-    with pytest.raises(RetrievalError, match=f"{flag}: must be a whole number >= 1"):
+    with pytest.raises(ValueError, match=f"{name}: must be a whole number >= 1"):
         RetrievalIndex.build(gallery, "IVF8,Flat", search_parameters=parameters, progress_bar=False)
     index = RetrievalIndex.build(gallery, "IVF8,Flat", progress_bar=False)
-    with pytest.raises(RetrievalError, match=f"{flag}: must be"):
+    with pytest.raises(ValueError, match=f"{name}: must be"):
         index.set_search_parameters(parameters)
 
 

@@ -97,5 +97,5 @@ def test_pca_refuses_what_cannot_work():
     flat = np.concatenate([data[:, :3], np.zeros((10, 3), np.float32)], axis=1)  # 3 directions carry no variance
     with pytest.raises(RetrievalError, match="only 3 directions"):
         RetrievalIndex.build(pca_features(flat), pca_dimensions=5, whiten=True, progress_bar=False)
-    with pytest.raises(RetrievalError, match="alpha"):
+    with pytest.raises(ValueError, match="alpha"):
         weighted_expansion(data[:1], data[None, :2], np.ones((1, 2)), alpha=-1)

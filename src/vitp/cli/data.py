@@ -6,16 +6,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from vitp.cli.types import NO_PROGRESS_HELP, fraction, int_at_least, progress_option
+
 CHECK_DESCRIPTION = (
     "Report every problem as file:line: what is wrong, then counts per dataset; exit 1 if there is any problem. "
     "The data flags are `vitp pretrain`'s (upstream's DataTrainingArguments, same defaults: give the values your "
     "training uses, e.g. --dynamic_image_size True --use_thumbnail True --max_dynamic_patch 6); "
     "--conv_style defaults to internvl2_5 here."
 )
-
-
-NO_PROGRESS_HELP = ("no progress bar on a terminal, no progress lines in a captured log (without it: a bar on a "
-                    "terminal, a plain line every VITP_PROGRESS_SECONDS (30) seconds otherwise)")
 
 
 def check_parser():
@@ -76,7 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     convert.set_defaults(handler=_run_convert)
 
     build = commands.add_parser(
-        "build",
+        "build", parents=[progress_option(NO_PROGRESS_HELP)],
         help="turn a class-folder image set into instruction JSONL + meta JSON",
         description="Folder name = class. Writes <name>.jsonl and meta.json (and a held-out split if asked).",
     )
@@ -84,11 +82,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--output_dir", required=True)
     build.add_argument("--name", help="dataset name (default: the image folder's name)")
     build.add_argument("--metadata", help="CSV or JSON of per-image attributes (column/key 'image' = relative path)")
-    build.add_argument("--holdout_fraction", type=float, default=0.0, help="fraction of each class held out")
+    build.add_argument("--holdout_fraction", type=fraction, default=0.0, help="fraction of each class held out")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--data_augment", action="store_true", help="set data_augment (JPEG re-encoding) in the meta")
     build.add_argument("--no_check_images", dest="check_images", action="store_false", help="do not decode every image")
-    build.add_argument("--no_progress", action="store_true", help=NO_PROGRESS_HELP)
     build.set_defaults(handler=_run_build)
 
     tokenizer = subparsers.add_parser("tokenizer", help="train a small tokenizer for tiny models and CPU demos")
@@ -98,9 +95,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--meta_path", required=True)
     train.add_argument("--output_dir", required=True)
-    train.add_argument("--vocab_size", type=int, default=400,
+    train.add_argument("--vocab_size", type=_vocab_size, default=400,
                        help="target vocabulary, at least 256 bytes + the special tokens (default: %(default)s)")
     train.set_defaults(handler=_run_tokenizer_train)
+
+
+def _vocab_size(text: str) -> int:
+    """At least every byte and special token, which the trainer keeps whatever the size asked for."""
+    from vitp.data.tokenizer import MAX_VOCAB_SIZE, MIN_VOCAB_SIZE, SPECIAL_TOKENS  # only when the flag is given
+
+    return int_at_least(MIN_VOCAB_SIZE, f"256 bytes + {len(SPECIAL_TOKENS)} special tokens", MAX_VOCAB_SIZE)(text)
 
 
 def _run_check(args: argparse.Namespace) -> int:

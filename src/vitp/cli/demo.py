@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from vitp.cli.types import positive_int
 from vitp.demo.ablation import ABLATIONS  # light modules: names and dataclasses only
 from vitp.demo.settings import DEFAULT, QUICK
 
@@ -19,15 +20,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     demo.add_argument("--out", default="runs/demo", help="output folder (default: %(default)s)")
     demo.add_argument("--quick", action="store_true", help="a short run (1-3 minutes) that checks the pipeline")
-    demo.add_argument("--steps", type=int, metavar="N", help=f"pretraining steps (default: {DEFAULT.max_steps}; --quick: {QUICK.max_steps})")
+    demo.add_argument("--steps", type=positive_int, metavar="N", help=f"pretraining steps (default: {DEFAULT.max_steps}; --quick: {QUICK.max_steps})")
     demo.add_argument("--seed", type=int, default=DEFAULT.seed,
                       help="seed of the data split and the pretraining (default: %(default)s)")
-    demo.add_argument("--seeds", type=int, default=1, metavar="N",
+    demo.add_argument("--seeds", type=positive_int, default=1, metavar="N",
                       help="pretrain N times with seeds seed, seed+1, ... and report mean ± std of every metric")
     demo.add_argument("--ablation", choices=ABLATIONS,
                       help="also pretrain with one setting changed, all else equal: tmaug = TMAug off and upstream "
                            "--TMAug_prob 0.5/0.75/0.9; droppath = DropPath 0 and 0.1 (3 or 1 more pretrainings per seed)")
-    demo.add_argument("--eval_every", type=int, metavar="N",
+    demo.add_argument("--eval_every", type=positive_int, metavar="N",
                       help="also evaluate retrieval with the ViT of every N-th step's checkpoint (mAP against steps)")
     demo.add_argument("--retrain", action="store_true",
                       help="pretrain again even where a finished pretraining of the same settings exists")
@@ -39,15 +40,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from vitp.demo.run import DemoError, run_demo
+    from vitp.demo.run import run_demo
+    from vitp.errors import ConfigError
 
-    for flag, value, least in (("--steps", args.steps, 1), ("--seeds", args.seeds, 1), ("--eval_every", args.eval_every, 1)):
-        if value is not None and value < least:
-            raise DemoError(f"{flag} must be at least {least}, got {value}")
     settings = QUICK if args.quick else DEFAULT
     settings = dataclasses.replace(settings, seed=args.seed, max_steps=args.steps or settings.max_steps)
     if args.eval_every is not None and args.eval_every > settings.max_steps:
-        raise DemoError(f"--eval_every {args.eval_every} is more than the {settings.max_steps} pretraining steps")
+        raise ConfigError(f"--eval_every {args.eval_every} is more than the {settings.max_steps} pretraining steps")
     run_demo(args.out, quick=args.quick, settings=settings, seeds=args.seeds, ablation=args.ablation,
              eval_every=args.eval_every, retrain=args.retrain, command=_command(args))
     return 0

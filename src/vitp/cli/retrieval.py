@@ -10,10 +10,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from vitp.options import BACKENDS, FAISS_DEVICES, POOLS, PRECISIONS, STORE_DTYPES
-
-DEVICES_HELP = "auto (cuda if available; under torchrun each rank's own GPU), cpu, cuda or cuda:N"
-DTYPES = ("auto", *PRECISIONS)
+from vitp.cli.types import (
+    byte_size, faiss_device_option, json_object, int_at_least, non_negative_float, non_negative_int, positive_float, positive_int, progress_option,
+    vit_options,
+)
+from vitp.options import BACKENDS, POOLS, STORE_DTYPES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,55 +29,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 # Shared flags
 
 
-def _add_compute_flags(parser: argparse.ArgumentParser, dtype_default: str | None = "auto") -> None:
-    parser.add_argument("--device", default="auto", help=f"where the ViT runs: {DEVICES_HELP} (default: %(default)s)")
-    parser.add_argument(
-        "--dtype", choices=DTYPES, default=dtype_default,
-        help="ViT precision; auto = bf16 on GPU, fp32 on CPU (bf16 is much faster on CPUs with AMX/AVX512-BF16)"
-        + (" (default: %(default)s)" if dtype_default else " (default: the gallery's)"),
-    )
-    parser.add_argument("--batch_size", type=int, default=32, help="images per ViT forward (default: %(default)s)")
-    parser.add_argument("--num_workers", type=int, help="image-decoding processes (default: min(8, CPU count))")
-
-
 def _add_search_parameter_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--nprobe", type=int, help="IVF indexes: inverted lists visited per query (FAISS default 1)")
-    parser.add_argument("--ef_search", type=int, help="HNSW indexes: search breadth efSearch (FAISS default 16)")
-    parser.add_argument(
-        "--faiss_device", choices=FAISS_DEVICES, default="auto",
-        help="where FAISS searches: auto = all visible GPUs if this FAISS build has GPU support (default: %(default)s)",
-    )
+    parser.add_argument("--nprobe", type=positive_int, help="IVF indexes: inverted lists visited per query (FAISS default 1)")
+    parser.add_argument("--ef_search", type=positive_int, help="HNSW indexes: search breadth efSearch (FAISS default 16)")
 
 
 def _add_query_expansion_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--qe", type=int, default=0, metavar="K",
+    parser.add_argument("--qe", type=non_negative_int, default=0, metavar="K",
                         help="query expansion: search again with the query plus its top K results (0 = off)")
-    parser.add_argument("--qe_alpha", type=float, default=0.0,
+    parser.add_argument("--qe_alpha", type=non_negative_float, default=0.0,
                         help="QE weights: result i weighs max(score_i, 0)**alpha; 0 = average QE, 3 = a usual alpha-QE")
 
 
 def _add_gallery_postprocessing_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--factory", default="Flat",
                         help="FAISS index-factory string: Flat (exact, default), IVF1024,Flat, HNSW32, IVF4096,PQ64, ...")
-    parser.add_argument("--pca", type=int, metavar="DIMS", help="reduce features to DIMS dimensions by PCA")
+    parser.add_argument("--pca", type=positive_int, metavar="DIMS", help="reduce features to DIMS dimensions by PCA")
     parser.add_argument("--whiten", action="store_true", help="whiten the PCA components (needs --pca)")
     parser.add_argument("--pca_fit", metavar="FEATURES.npz",
                         help="learn PCA on these features instead of the gallery (same model and settings)")
-    parser.add_argument("--dba", type=int, default=0, metavar="K",
+    parser.add_argument("--dba", type=non_negative_int, default=0, metavar="K",
                         help="database-side augmentation: each gallery vector plus its K nearest gallery neighbours (0 = off)")
-    parser.add_argument("--dba_alpha", type=float, default=0.0,
+    parser.add_argument("--dba_alpha", type=non_negative_float, default=0.0,
                         help="DBA weights: neighbour i weighs max(score_i, 0)**alpha; 0 = plain average")
 
 
 def _search_parameters(args: argparse.Namespace) -> dict:
-    from vitp.retrieval.index import check_search_parameters
-
     parameters = {}
     if args.nprobe is not None:
         parameters["nprobe"] = args.nprobe
     if args.ef_search is not None:
         parameters["efSearch"] = args.ef_search
-    check_search_parameters(parameters)  # refused before any index is loaded or built
     return parameters
 
 
@@ -90,7 +73,7 @@ def _progress(args: argparse.Namespace) -> bool:
 
 def _register_features(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "features",
+        "features", parents=[vit_options(), progress_option()],
         help="extract ViT features of a folder of images into an .npz or an embedding store",
         description=(
             "Embed every image under --image_dir (recursively: .jpg .jpeg .png .tif .tiff .bmp .webp) with the ViT: "
@@ -108,23 +91,21 @@ def _register_features(subparsers: argparse._SubParsersAction) -> None:
                         help="NAME.npz: one features file; any other name: an embedding store folder")
     parser.add_argument("--vit_checkpoint", required=True, help="ViT weights: any format `vitp convert-vit` reads")
     parser.add_argument("--vit_config", help="preset name or JSON config, for weights saved without one")
-    parser.add_argument("--num_heads", type=int, help="override the number of attention heads of --vit_config")
-    parser.add_argument("--image_size", type=int, help="input size (default: the model's; position embedding resampled)")
+    parser.add_argument("--num_heads", type=positive_int, help="override the number of attention heads of --vit_config")
+    parser.add_argument("--image_size", type=positive_int, help="input size (default: the model's; position embedding resampled)")
     parser.add_argument("--select_layer", type=int, default=-1,
                         help="layer whose tokens are pooled, InternVL indexing: -1 last, 0 embeddings (default: %(default)s)")
     parser.add_argument("--pool", choices=POOLS, default="mean",
                         help="mean over patch tokens, or the CLS token (default: %(default)s)")
-    _add_compute_flags(parser)
-    parser.add_argument("--shard_size", type=int, default=2048,
+    parser.add_argument("--shard_size", type=positive_int, default=2048,
                         help="images per resume shard (default: %(default)s); a shard is also written every --shard_seconds")
-    parser.add_argument("--shard_seconds", type=float, default=300.0, help="(default: %(default)s)")
+    parser.add_argument("--shard_seconds", type=positive_float, default=300.0, help="(default: %(default)s)")
     parser.add_argument("--store_dtype", choices=STORE_DTYPES, default="float32",
                         help="embedding store: precision of the stored vectors (default: %(default)s)")
-    parser.add_argument("--store_shard_size", type=int, default=100_000,
+    parser.add_argument("--store_shard_size", type=positive_int, default=100_000,
                         help="embedding store: images of the sorted list per .npy/.parquet pair (default: %(default)s)")
-    parser.add_argument("--max_pixels", type=int, help="skip images with more pixels (default: Pillow's bomb limit)")
+    parser.add_argument("--max_pixels", type=positive_int, help="skip images with more pixels (default: Pillow's bomb limit)")
     parser.add_argument("--restart", action="store_true", help="discard the shards of an unfinished earlier run")
-    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=_run_features)
 
 
@@ -193,7 +174,7 @@ def _register_index(subparsers: argparse._SubParsersAction) -> None:
     actions = parser.add_subparsers(dest="index_command", required=True, metavar="ACTION")
 
     build = actions.add_parser(
-        "build",
+        "build", parents=[faiss_device_option(), progress_option()],
         help="build an index from a features file or an embedding store",
         description=(
             "Index gallery features (an .npz, or an embedding store folder read in chunks) for inner-product search "
@@ -208,10 +189,10 @@ def _register_index(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--features", required=True, help="gallery features: .npz or embedding store from `vitp features`")
     build.add_argument("--output", required=True, help="index directory to write")
     _add_gallery_postprocessing_flags(build)
-    build.add_argument("--max_index_memory", type=_memory_size, metavar="SIZE",
+    build.add_argument("--max_index_memory", type=byte_size, metavar="SIZE",
                        help="FAISS: choose the index that fits in SIZE (4GB, 512MB, ...; powers of 1024), as autofaiss "
                             "does: Flat, HNSW, IVF,Flat or OPQ,IVF,PQ; recall@10 against exact search is reported")
-    build.add_argument("--max_query_ms", type=float,
+    build.add_argument("--max_query_ms", type=positive_float,
                        help="FAISS: tune nprobe / efSearch to the largest value whose search takes at most this many "
                             "milliseconds per query (default with --max_index_memory: 10)")
     build.add_argument("--backend", choices=BACKENDS, default="faiss", help="vector engine (default: %(default)s)")
@@ -221,10 +202,9 @@ def _register_index(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--milvus_collection", help="Milvus: collection name (default: vitp_ + the output's name)")
     build.add_argument("--milvus_index", default="FLAT",
                        help="Milvus: index type, FLAT (exact, default), IVF_FLAT, IVF_SQ8, IVF_PQ, HNSW, DISKANN, AUTOINDEX")
-    build.add_argument("--milvus_index_params", type=_json_object, default={}, metavar="JSON",
+    build.add_argument("--milvus_index_params", type=json_object, default={}, metavar="JSON",
                        help='Milvus: index parameters, e.g. \'{"nlist": 1024}\' or \'{"M": 16, "efConstruction": 200}\'')
     _add_search_parameter_flags(build)
-    build.add_argument("--no_progress", action="store_true", help="no progress bar")
     build.set_defaults(handler=_run_index_build)
 
     info = actions.add_parser("info", help="describe a saved index")
@@ -232,41 +212,15 @@ def _register_index(subparsers: argparse._SubParsersAction) -> None:
     info.set_defaults(handler=_run_index_info)
 
 
-def _memory_size(text: str) -> int:
-    from vitp.retrieval.backends.autoindex import parse_memory
-
-    try:
-        size = parse_memory(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    if size <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be more than 0 bytes")
-    return size
-
-
-def _json_object(text: str) -> dict:
-    import json
-
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({err.msg} at column {err.colno})") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("expected a JSON object, e.g. '{\"nlist\": 1024}'")
-    return value
-
-
 def _run_index_build(args: argparse.Namespace) -> int:
-    from vitp.errors import VitpError
+    from vitp.errors import ConfigError
     from vitp.retrieval.embedding_store import load_feature_set, open_gallery
     from vitp.retrieval.index import RetrievalIndex, check_index_output
 
     check_index_output(args.output)  # before the (possibly long) build
     search_parameters = _search_parameters(args)
-    if args.max_query_ms is not None and args.max_query_ms <= 0:
-        raise VitpError(f"--max_query_ms {args.max_query_ms}: must be > 0")
     if args.max_index_memory is not None and args.factory != "Flat":
-        raise VitpError("--max_index_memory chooses the index type itself: leave out --factory")
+        raise ConfigError("--max_index_memory chooses the index type itself: leave out --factory")
     gallery = open_gallery(args.features)
     options = dict(search_parameters=search_parameters, progress_bar=_progress(args))
     if args.backend == "milvus":
@@ -278,7 +232,7 @@ def _run_index_build(args: argparse.Namespace) -> int:
                                                ("--max_index_memory", args.max_index_memory),
                                                ("--max_query_ms", args.max_query_ms)) if value]
         if faiss_only:
-            raise VitpError(f"{', '.join(faiss_only)}: FAISS only; a Milvus collection holds the features as they are "
+            raise ConfigError(f"{', '.join(faiss_only)}: FAISS only; a Milvus collection holds the features as they are "
                             f"(choose its index with --milvus_index)")
         uri = args.milvus_uri or str(Path(args.output) / MILVUS_LITE_FILE)
         index = RetrievalIndex.build(
@@ -287,7 +241,7 @@ def _run_index_build(args: argparse.Namespace) -> int:
         )
     else:
         if args.milvus_uri or args.milvus_collection or args.milvus_index != "FLAT" or args.milvus_index_params:
-            raise VitpError("--milvus_* flags need --backend milvus")
+            raise ConfigError("--milvus_* flags need --backend milvus")
         index = RetrievalIndex.build(
             gallery, args.factory, pca_dimensions=args.pca, whiten=args.whiten,
             pca_fit=load_feature_set(args.pca_fit) if args.pca_fit else None, dba_k=args.dba, dba_alpha=args.dba_alpha,
@@ -339,7 +293,7 @@ def _run_index_info(args: argparse.Namespace) -> int:
 
 def _register_search(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "search",
+        "search", parents=[vit_options(dtype_default=None), faiss_device_option(), progress_option()],
         help="top-K gallery images for query images",
         description=(
             "Embed query images (a file, or every image under a folder) with the model recorded in the index, or read "
@@ -351,26 +305,25 @@ def _register_search(subparsers: argparse._SubParsersAction) -> None:
     queries = parser.add_mutually_exclusive_group(required=True)
     queries.add_argument("--image", help="query image file or folder")
     queries.add_argument("--query_features", help="query features (.npz or embedding store) instead of images")
-    parser.add_argument("-k", "--top_k", type=int, default=5, dest="k", help="results per query (default: %(default)s)")
+    parser.add_argument("-k", "--top_k", type=positive_int, default=5, dest="k", help="results per query (default: %(default)s)")
     _add_query_expansion_flags(parser)
     _add_search_parameter_flags(parser)
     parser.add_argument("--output", action="append", default=[], metavar="FILE",
                         help="write results to FILE.json or FILE.csv (repeatable)")
     parser.add_argument("--contact_sheet", metavar="IMAGE",
                         help="draw queries and their results into this picture (.png, .jpg, .webp: by its extension)")
-    parser.add_argument("--show", type=int, default=20, help="queries printed and drawn (default: %(default)s)")
+    parser.add_argument("--show", type=int_at_least(0, "0 prints no query"), default=20,
+                        help="queries printed and drawn (default: %(default)s)")
     parser.add_argument("--vit_checkpoint", help="the gallery's ViT checkpoint, if it moved since the index was built")
-    _add_compute_flags(parser, dtype_default=None)
-    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=_run_search)
 
 
 def _run_search(args: argparse.Namespace) -> int:
-    from vitp.errors import WeightFormatError
+    from vitp.errors import ConfigError, RetrievalError, WeightFormatError
     from vitp.retrieval.embedding_store import load_feature_set
     from vitp.retrieval.index import RetrievalIndex
     from vitp.retrieval.pictures import picture_format
-    from vitp.retrieval.search import SearchError, check_show, embed_queries, output_format, search_index
+    from vitp.retrieval.search import embed_queries, output_format, search_index
     from vitp.files import check_output_path
 
     # Refuse bad flags before the index is loaded and any query embedded.
@@ -378,11 +331,11 @@ def _run_search(args: argparse.Namespace) -> int:
     for output in args.output:
         output_format(output)
         check_output_path(output)
-    check_show(args.show)
     if args.contact_sheet:
+        if args.show < 1:
+            raise ConfigError(f"--show {args.show}: the contact sheet draws the first --show queries, so it must be >= 1")
         check_output_path(args.contact_sheet, "--contact_sheet")
         picture_format(args.contact_sheet, "--contact_sheet")
-        check_show(args.show, contact_sheet=True)
     index = RetrievalIndex.load(args.index, faiss_device=args.faiss_device)
     skipped = []
     if args.image:
@@ -394,9 +347,9 @@ def _run_search(args: argparse.Namespace) -> int:
         except WeightFormatError as err:
             if not args.vit_checkpoint:
                 raise
-            raise SearchError(_not_the_index_model(args.vit_checkpoint, index.feature_settings)) from err
+            raise RetrievalError(_not_the_index_model(args.vit_checkpoint, index.feature_settings)) from err
         if queries is None:
-            raise SearchError(f"--image {args.image}: no query image could be read: "
+            raise RetrievalError(f"--image {args.image}: no query image could be read: "
                               + "; ".join(f"{p}: {r}" for p, r in skipped[:3]))
     else:
         queries = load_feature_set(args.query_features)
@@ -433,7 +386,7 @@ COMPARE_RESAMPLES = 1000  # bootstrap resamples of --compare when --bootstrap is
 
 def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "evaluate",
+        "evaluate", parents=[faiss_device_option(), progress_option()],
         help="Top-K accuracy, precision@K and mAP of query features against a gallery; compare two evaluations",
         description=(
             "Search every query in the gallery and report the seed's Top-K accuracy lines (a hit if any of the top K "
@@ -450,7 +403,7 @@ def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
     gallery.add_argument("--index", help="a built index instead of gallery features")
     parser.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
                         help="instead of evaluating: paired differences A - B of two --output files of the same queries")
-    parser.add_argument("--top_k", type=int, nargs="+", default=[1, 3, 5], help="K values (default: 1 3 5)")
+    parser.add_argument("--top_k", type=positive_int, nargs="+", default=[1, 3, 5], help="K values (default: 1 3 5)")
     parser.add_argument("--leave_one_out", action="store_true",
                         help="queries are (part of) the gallery: each query's own image is removed from its results")
     _add_gallery_postprocessing_flags(parser)
@@ -458,7 +411,7 @@ def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
     _add_search_parameter_flags(parser)
     parser.add_argument("--no_full_map", action="store_true",
                         help="skip mAP over the full gallery ranking (the costly part on huge galleries)")
-    parser.add_argument("--bootstrap", type=int, metavar="N",
+    parser.add_argument("--bootstrap", type=positive_int, metavar="N",
                         help=f"95%% intervals from N bootstrap resamples of the queries (with --compare default: "
                              f"{COMPARE_RESAMPLES}; 1000 is usual)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resamples (default: %(default)s)")
@@ -466,23 +419,21 @@ def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--output", metavar="JSON",
                         help="write all results (per class and per query included) as JSON")
     parser.add_argument("--plot", metavar="PNG", help="draw per-class Top-1 accuracy as a bar chart")
-    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=_run_evaluate)
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     from vitp.retrieval.embedding_store import load_feature_set, open_gallery
-    from vitp.retrieval.evaluate import EvaluationError, evaluate_retrieval
+    from vitp.errors import RetrievalError
+    from vitp.retrieval.evaluate import evaluate_retrieval
     from vitp.retrieval.index import RetrievalIndex
     from vitp.retrieval.pictures import picture_format, write_class_chart
     from vitp.files import check_output_path, write_json
 
-    if args.bootstrap is not None and args.bootstrap < 1:
-        raise EvaluationError(f"--bootstrap must be a number of resamples >= 1, got {args.bootstrap}")
     if args.compare:
         return _run_compare(args)
     if not (args.gallery_features or args.index):
-        raise EvaluationError("give the gallery as --gallery_features or --index (or compare two evaluations with --compare)")
+        raise RetrievalError("give the gallery as --gallery_features or --index (or compare two evaluations with --compare)")
     search_parameters = _search_parameters(args)  # refused before the evaluation, not after it
     if args.output:
         check_output_path(args.output)
@@ -517,7 +468,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 def _top_k_within_gallery(top_k: list[int], gallery_size: int, leave_one_out: bool) -> list[int]:
     """The K values a query can fill, saying which were left out (P@K would count absent results as
     misses); refused when none is left."""
-    from vitp.retrieval.evaluate import EvaluationError
+    from vitp.errors import RetrievalError
 
     candidates = gallery_size - 1 if leave_one_out else gallery_size
     kept = [k for k in top_k if k <= candidates]
@@ -528,21 +479,21 @@ def _top_k_within_gallery(top_k: list[int], gallery_size: int, leave_one_out: bo
     problem = f"--top_k {' '.join(map(str, too_large))}: the gallery has {gallery_size} images{per_query}, so no query " \
               f"can have that many results"
     if not kept:
-        raise EvaluationError(f"{problem}; give K values up to {candidates}")
+        raise RetrievalError(f"{problem}; give K values up to {candidates}")
     print(f"{problem}: left out", file=sys.stderr)
     return kept
 
 
 def _run_compare(args: argparse.Namespace) -> int:
     """`vitp evaluate --compare A.json B.json`: paired-bootstrap differences of two evaluations."""
-    from vitp.retrieval.evaluate import EvaluationError
+    from vitp.errors import RetrievalError
     from vitp.retrieval.statistics import compare, load_query_results
     from vitp.files import check_output_path, write_json
 
     given = [flag for flag, value in (("--query_features", args.query_features), ("--gallery_features", args.gallery_features),
                                       ("--index", args.index), ("--plot", args.plot)) if value]
     if given:
-        raise EvaluationError(f"--compare reads two finished evaluations; {', '.join(given)} cannot be used with it")
+        raise RetrievalError(f"--compare reads two finished evaluations; {', '.join(given)} cannot be used with it")
     if args.output:
         check_output_path(args.output)
     path_a, path_b = (Path(p) for p in args.compare)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from vitp.cli.retrieval import DEVICES_HELP, DTYPES
-from vitp.options import FAISS_DEVICES
+from vitp.cli.types import faiss_device_option, port, positive_float, positive_int, vit_options
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this stage's subcommands."""
     parser = subparsers.add_parser(
-        "serve",
+        "serve", parents=[vit_options(dtype_default=None, batch_options=False), faiss_device_option()],
         help="a web page and JSON API to search a retrieval index with images",
         description=(
             "Serve a page where a query image (dropped, chosen, pasted, or clicked in the gallery) is embedded with the "
@@ -23,18 +22,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--index", required=True, help="index directory from `vitp index build`")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: %(default)s; 0.0.0.0 = every interface)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default: %(default)s; 0 = any free port)")
+    parser.add_argument("--port", type=port, default=8000, help="port (default: %(default)s; 0 = any free port)")
     parser.add_argument("--vit_checkpoint", help="the gallery's ViT checkpoint, if it moved since the index was built")
-    parser.add_argument("--device", default="auto", help=f"where the ViT runs: {DEVICES_HELP}")
-    parser.add_argument("--dtype", choices=DTYPES,
-                        help="ViT precision (default: the gallery's)")
-    parser.add_argument("--faiss_device", choices=FAISS_DEVICES, default="auto",
-                        help="where FAISS searches (default: %(default)s)")
-    parser.add_argument("--max_upload_mb", type=float, default=32.0,
+    parser.add_argument("--max_upload_mb", type=positive_float, default=32.0,
                         help="largest query upload in MiB (default: %(default)s)")
-    parser.add_argument("--max_pixels", type=int,
+    parser.add_argument("--max_pixels", type=positive_int,
                         help="largest query image in pixels (default: the gallery's limit, Pillow's bomb limit)")
-    parser.add_argument("--max_k", type=int, default=100, help="most results a query may ask for (default: %(default)s)")
+    parser.add_argument("--max_k", type=positive_int, default=100, help="most results a query may ask for (default: %(default)s)")
     parser.add_argument("--no_access_log", action="store_true", help="do not log every request")
     parser.set_defaults(handler=_run_serve)
 
@@ -43,15 +37,13 @@ WEB_PACKAGES = ("fastapi", "starlette", "uvicorn", "multipart", "python_multipar
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from vitp.errors import VitpError
+    from vitp.errors import ConfigError
 
-    if not 0 <= args.port <= 65535:  # else the OS takes the port modulo 65536, or blames the host
-        raise VitpError(f"--port {args.port}: must be between 0 and 65535 (0 = any free port)")
     try:
         from vitp.serve.server import run_server
     except ModuleNotFoundError as err:
         if err.name and err.name.split(".")[0] in WEB_PACKAGES:
-            raise VitpError(f"vitp serve needs {err.name}, which is not installed: pip install 'vitp[serve]'") from None
+            raise ConfigError(f"vitp serve needs {err.name}, which is not installed: pip install 'vitp[serve]'") from None
         raise
 
     run_server(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from vitp.cli.types import positive_int
 from vitp.options import PRECISIONS
 
 DTYPES = {"keep": None, **PRECISIONS}
@@ -59,7 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vit_config", help="preset name or JSON config, for weights saved without one")
-    parser.add_argument("--num_heads", type=int, help="override the number of attention heads of --vit_config")
+    parser.add_argument("--num_heads", type=positive_int, help="override the number of attention heads of --vit_config")
 
 
 def _config(args: argparse.Namespace):

@@ -516,7 +516,7 @@ def build_instructions(
     if not image_dir.is_dir():
         raise DataError(f"{image_dir}: not a directory")
     if not 0.0 <= holdout_fraction < 1.0:
-        raise DataError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
+        raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
     name = name or image_dir.name
     classes = collect_classes(image_dir)
     read = read_metadata(Path(metadata)) if metadata else Metadata({})

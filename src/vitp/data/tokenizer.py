@@ -23,7 +23,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from vitp.data.meta import IMAGE_PLACEHOLDER, JsonlIndex, SampleError, parse_sample, read_meta
 from vitp.data.templates import CHATML_TOKENS, DEFAULT_SYSTEM_MESSAGE, INTERNVL_TOKENS, prepare_tokenizer
-from vitp.errors import ConfigError, DataError
+from vitp.errors import DataError
 from vitp.files import read_json
 
 
@@ -33,20 +33,13 @@ MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
 MAX_VOCAB_SIZE = 2**32 - 1  # the tokenizers library stores sizes as u32
 
 
-def check_vocab_size(vocab_size: int) -> None:
-    if vocab_size < MIN_VOCAB_SIZE:
-        raise ConfigError(
-            f"vocab_size must be at least {MIN_VOCAB_SIZE} (256 bytes + {len(SPECIAL_TOKENS)} special tokens), "
-            f"got {vocab_size}"
-        )
-    if vocab_size > MAX_VOCAB_SIZE:
-        raise ConfigError(f"vocab_size must be at most {MAX_VOCAB_SIZE}, got {vocab_size}")
-
-
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 400, min_frequency: int = 2) -> PreTrainedTokenizerFast:
     """A byte-level BPE over ``texts`` (plus InternVL's default system message) with the special tokens.
-    ConfigError for a ``vocab_size`` below :data:`MIN_VOCAB_SIZE`; DataError if ``texts`` has no text."""
-    check_vocab_size(vocab_size)
+    ValueError for a ``vocab_size`` outside [:data:`MIN_VOCAB_SIZE`, :data:`MAX_VOCAB_SIZE`]; DataError if
+    ``texts`` has no text."""
+    if not MIN_VOCAB_SIZE <= vocab_size <= MAX_VOCAB_SIZE:
+        raise ValueError(f"vocab_size {vocab_size}: must be from {MIN_VOCAB_SIZE} (256 bytes + "
+                         f"{len(SPECIAL_TOKENS)} special tokens) to {MAX_VOCAB_SIZE}")
     specials = list(SPECIAL_TOKENS)
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

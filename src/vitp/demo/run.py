@@ -43,7 +43,6 @@ from vitp.demo.evidence import (
 from vitp.demo.report import console_lines, write_report
 from vitp.demo.scene import balance, load_sentinel2, split_tiles, write_tiles
 from vitp.demo.settings import DEFAULT, QUICK, DemoSettings
-from vitp.errors import ConfigError
 from vitp.files import write_json
 from vitp.model.checkpoint import build_vlm, save_vlm
 from vitp.retrieval.evaluate import evaluate_retrieval
@@ -54,9 +53,6 @@ from vitp.train.export import export_vit
 from vitp.train.pretrain import pretrain
 
 SYSTEM_MESSAGE = "Answer briefly."  # short: the tiny model reads it in front of every sample
-# The name cli/demo.py raises for flag values it refuses (a ConfigError, printed as one line).
-DemoError = ConfigError
-
 TITLES = {"vitp": "ViTP (pretrained ViT)", "random": "same ViT, random init", "histogram": "RGB colour histogram"}
 
 

@@ -26,11 +26,8 @@ import numpy as np
 from vitp.errors import RetrievalError
 from vitp.retrieval import metrics
 from vitp.retrieval.feature_file import FeatureSet
-from vitp.retrieval.index import RetrievalIndex, check_query_expansion, count_short_results
+from vitp.retrieval.index import RetrievalIndex, count_short_results
 from vitp.retrieval.statistics import Bootstrap, QueryResults, bootstrap, class_balanced_mean
-
-# The name the command line raises for the flags it checks itself.
-EvaluationError = RetrievalError
 
 logger = logging.getLogger("vitp")
 
@@ -229,8 +226,7 @@ def evaluate_retrieval(
     ``bootstrap_resamples`` > 0 adds intervals (:func:`vitp.retrieval.statistics.bootstrap`, ``seed``)."""
     top_k = sorted(set(int(k) for k in top_k))
     if not top_k or top_k[0] < 1:
-        raise RetrievalError(f"top_k values must be >= 1, got {top_k}")
-    check_query_expansion(qe_k)  # before the (possibly long) build; dba is checked by the build
+        raise ValueError(f"top_k values must be >= 1, got {top_k}")
 
     if index is None:
         if gallery is None:

@@ -62,13 +62,7 @@ def check_search_parameters(parameters: dict[str, Any]) -> None:
         if counted is None:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise RetrievalError(f"{name} {value!r}: must be a whole number >= 1 (it counts the {counted} per query)")
-
-
-def check_query_expansion(qe_k: int) -> None:
-    """Refuse a negative number of query-expansion neighbours (0 = off)."""
-    if qe_k < 0:
-        raise RetrievalError(f"qe {qe_k}: query expansion takes a number of neighbours >= 0 (0 = off)")
+            raise ValueError(f"{name} {value!r}: must be a whole number >= 1 (it counts the {counted} per query)")
 
 
 def count_short_results(ids: np.ndarray, expected: int) -> int:
@@ -184,7 +178,8 @@ class RetrievalIndex(ABC):
 
         Returns the final query vectors too (expanded, if QE was asked for), for full-ranking metrics.
         """
-        check_query_expansion(qe_k)
+        if qe_k < 0:
+            raise ValueError(f"qe_k {qe_k}: query expansion takes a number of neighbours >= 0 (0 = off)")
         k = min(k, len(self))
         scores, ids = self.top_k(queries, max(k, qe_k), exclude)
         if qe_k:

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from vitp.errors import RetrievalError
-
 
 def l2_normalise(vectors: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
@@ -32,7 +30,7 @@ def weighted_expansion(
     or NaN; they get weight 0.
     """
     if alpha < 0:
-        raise RetrievalError(f"alpha must be >= 0 (0 = average expansion), got {alpha}")
+        raise ValueError(f"alpha must be >= 0 (0 = average expansion), got {alpha}")
     present = np.isfinite(neighbour_scores)
     weights = np.where(present, np.power(np.clip(np.nan_to_num(neighbour_scores, nan=0.0, neginf=0.0), 0, None), alpha), 0.0)
     # (n, 1, k) @ (n, k, d) -> (n, 1, d): one small matrix product per row, batched.

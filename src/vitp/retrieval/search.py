@@ -29,9 +29,6 @@ from vitp.retrieval.feature_file import FeatureSet
 from vitp.retrieval.index import RetrievalIndex, count_short_results
 from vitp.retrieval.pictures import SheetRow, write_contact_sheet
 
-# The name the command line raises for the flags it checks itself.
-SearchError = RetrievalError
-
 logger = logging.getLogger("vitp")
 
 OUTPUT_FORMATS = (".json", ".csv")
@@ -43,14 +40,6 @@ def output_format(path: Path | str) -> str:
     if suffix not in OUTPUT_FORMATS:
         raise RetrievalError(f"output {path}: unknown format; use a name ending in {' or '.join(OUTPUT_FORMATS)}")
     return suffix
-
-
-def check_show(limit: int, contact_sheet: bool = False) -> None:
-    """Refuse a show that prints (or, for the contact sheet, draws) no sensible number of queries."""
-    if limit < 0:
-        raise RetrievalError(f"show {limit}: must be >= 0 (the number of queries printed)")
-    if contact_sheet and limit < 1:
-        raise RetrievalError(f"show {limit}: the contact sheet draws the first show queries, so show must be >= 1")
 
 
 @dataclass
@@ -218,7 +207,7 @@ def search_index(
 ) -> SearchResults:
     """Top-k of each query (checked against the index's settings first)."""
     if k < 1:
-        raise RetrievalError(f"-k must be >= 1, got {k}")
+        raise ValueError(f"k must be >= 1, got {k}")
     index.check_queries(queries.settings, queries.dimension, f"query features {queries.source}")
     if search_parameters:
         index.set_search_parameters(search_parameters)

@@ -78,9 +78,9 @@ def run_server(
     announce = announce or _print_now
 
     if max_upload_bytes < 1 or max_k < 1:
-        raise ConfigError(f"max_upload_bytes and max_k must be positive (got {max_upload_bytes} and {max_k})")
+        raise ValueError(f"max_upload_bytes and max_k must be positive (got {max_upload_bytes} and {max_k})")
     if max_pixels is not None and max_pixels < 1:  # 0 would refuse every image as too large
-        raise ConfigError(f"max_pixels {max_pixels}: must be >= 1 (leave it out for the gallery's limit)")
+        raise ValueError(f"max_pixels {max_pixels}: must be >= 1 (leave it out for the gallery's limit)")
     sock = bind_socket(host, port)  # first: a taken port is reported before minutes of model loading
     # Not listening until the model is loaded: meanwhile a client is refused instead of left waiting.
     try:

@@ -315,19 +315,18 @@ class FaissIndex(RetrievalIndex):
         weighted sum of itself and its ``dba_k`` nearest gallery neighbours. ``max_query_ms`` (default
         10 with a budget) tunes nprobe / efSearch; recall@10 against exact search on held-out gallery
         vectors is measured then, or when ``measure_recall`` asks, and recorded in ``meta["tuning"]``."""
-        check_search_parameters(search_parameters or {})  # before the (possibly long) build
         if dba_k < 0:
-            raise RetrievalError(f"dba {dba_k}: database-side augmentation takes a number of neighbours >= 0 (0 = off)")
+            raise ValueError(f"dba_k {dba_k}: database-side augmentation takes a number of neighbours >= 0 (0 = off)")
         if whiten and pca_dimensions is None:
             raise RetrievalError("whiten needs pca, a number of dimensions (whitening is applied to the PCA components)")
         if max_index_memory is not None:
             if max_index_memory <= 0:
-                raise RetrievalError(f"max_index_memory must be a positive number of bytes, got {max_index_memory}")
+                raise ValueError(f"max_index_memory must be a positive number of bytes, got {max_index_memory}")
             if factory != "Flat":
-                raise RetrievalError("give either a FAISS factory string or a memory budget, not both: with a "
-                                          "budget the index type is chosen to fit it")
+                raise ValueError("give either a FAISS factory string or a memory budget, not both: with a "
+                                 "budget the index type is chosen to fit it")
         if max_query_ms is not None and max_query_ms <= 0:
-            raise RetrievalError(f"max_query_ms must be > 0, got {max_query_ms}")
+            raise ValueError(f"max_query_ms must be > 0, got {max_query_ms}")
         started = time.perf_counter()
 
         transforms, fit_ids = [], None

@@ -117,7 +117,7 @@ class Connection:
         token = os.environ.get("MILVUS_TOKEN", "")
         try:
             return MilvusClient(uri=self.uri, token=token) if token else MilvusClient(uri=self.uri)
-        except Exception as err:
+        except Exception:
             if is_local_file(self.uri) and _locked_elsewhere(Path(self.uri) / "LOCK"):
                 raise RetrievalError(
                     f"Milvus Lite file {self.uri} is in use by another process, and a Milvus Lite file serves one "
@@ -205,7 +205,6 @@ class MilvusIndex(RetrievalIndex):
         """Put ``gallery`` (a FeatureSet or an embedding store) into ``collection`` at ``uri``, continuing
         an unfinished build of the same gallery; see the module docstring."""
         _refuse_faiss_options(unsupported)
-        check_search_parameters(search_parameters or {})
         check_collection_name(collection)
         if index_type not in INDEX_TYPES:
             raise RetrievalError(f"Milvus index type {index_type!r}: expected one of {', '.join(INDEX_TYPES)}")

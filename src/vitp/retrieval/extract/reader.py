@@ -21,7 +21,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vitp.data.images import DEFAULT_MAX_PIXELS, ImageError, build_transform, iter_image_files, load_image
-from vitp.errors import RetrievalError
 
 logger = logging.getLogger("vitp")
 
@@ -101,7 +100,7 @@ def default_num_workers() -> int:
 
 def check_num_workers(num_workers: int | None) -> None:
     if num_workers is not None and num_workers < 0:
-        raise RetrievalError(
+        raise ValueError(
             f"num_workers {num_workers}: must be >= 0 (0 decodes images in the main process; "
             f"default min(8, CPU count) = {default_num_workers()})"
         )

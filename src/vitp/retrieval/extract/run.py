@@ -182,13 +182,11 @@ def extract_features(
 
 def _check_arguments(image_dir: Path, batch_size: int, shard_size: int, num_workers: int | None, max_pixels: int,
                      store_dtype: str, store_shard_size: int) -> None:
-    if batch_size < 1 or shard_size < 1:
-        raise RetrievalError(f"batch_size and shard_size must be >= 1 (got {batch_size} and {shard_size})")
-    if store_shard_size < 1:
-        raise RetrievalError(f"store_shard_size must be >= 1, got {store_shard_size}")
+    for name, value in (("batch_size", batch_size), ("shard_size", shard_size), ("store_shard_size", store_shard_size),
+                        ("max_pixels", max_pixels)):  # max_pixels 0 would skip every image as "too large"
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
     check_num_workers(num_workers)
-    if max_pixels < 1:  # 0 would skip every image as "too large"
-        raise RetrievalError(f"max_pixels {max_pixels}: must be >= 1 (leave it out for Pillow's bomb limit)")
     if store_dtype not in STORE_DTYPES:
         raise ValueError(f"store_dtype {store_dtype!r}: expected one of {', '.join(STORE_DTYPES)}")
     if not image_dir.is_dir():
@@ -208,7 +206,7 @@ def embed_files(
 ) -> tuple[FeatureSet | None, list[tuple[str, str]]]:
     """Features of a few files in memory (queries): no shards. Returns (features or None, skipped)."""
     if batch_size < 1:
-        raise RetrievalError(f"batch_size must be >= 1, got {batch_size}")
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     check_num_workers(num_workers)
     settings = extraction_settings(feature_model, select_layer, pool, max_pixels)
     dataset = ImageFiles(paths, feature_model.image_size, max_pixels)
