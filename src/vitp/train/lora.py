@@ -11,6 +11,7 @@ rebuilds the model from the same base checkpoint and puts those back.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -39,7 +40,7 @@ TRAINABLE_FILE = "trainable.safetensors"
 
 def wrap_backbone_lora(model: VisionLanguageModel, rank: int) -> None:
     config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=LORA_DROPOUT, target_modules=VIT_TARGETS)
-    model.vision_model = get_peft_model(model.vision_model, config)
+    model.vision_model = _peft_wrapped(model.vision_model, config)
 
 
 def wrap_llm_lora(model: VisionLanguageModel, rank: int) -> None:
@@ -48,7 +49,15 @@ def wrap_llm_lora(model: VisionLanguageModel, rank: int) -> None:
         raise ConfigError(f"LoRA on a {architecture} LLM: no target modules known (known: {', '.join(LLM_TARGETS)})")
     config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=LORA_DROPOUT, target_modules=LLM_TARGETS[architecture],
                         task_type="CAUSAL_LM")
-    model.language_model = get_peft_model(model.language_model, config)
+    model.language_model = _peft_wrapped(model.language_model, config)
+
+
+def _peft_wrapped(module: torch.nn.Module, config: LoraConfig) -> PeftModel:
+    # peft reads transformers' deprecated `is_gradient_checkpointing` alias, which warns on every LoRA
+    # run; the warning is about peft's code, not the user's, so keep it out of their log.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(module, config)
 
 
 def uses_lora(model: VisionLanguageModel) -> bool:
