@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vitp.data.images import iter_image_files, load_image
+from vitp.data.images import load_image
+from vitp.retrieval.extract.reader import list_images
 from vitp.retrieval.feature_file import FeatureSet, labels_from_paths, save_features
 
 BINS = 8
@@ -27,7 +28,7 @@ def colour_histogram(pixels: np.ndarray, bins: int = BINS) -> np.ndarray:
 
 
 def histogram_features(image_dir: str | Path, output: str | Path) -> FeatureSet:
-    paths = list(iter_image_files(image_dir))
+    paths = list_images(image_dir)  # as `vitp features` lists them, so the methods' queries pair up
     features = np.stack([colour_histogram(np.asarray(load_image(path))) for path in paths])
     image_paths = np.array([str(path) for path in paths])
     feature_set = FeatureSet(
