@@ -140,6 +140,13 @@ def _faiss_reason(err: RuntimeError) -> str:
     return text
 
 
+def chain_transforms(index: faiss.Index) -> list[faiss.VectorTransform]:
+    """The transforms an IndexPreTransform applies before its inner index (none for other indexes)."""
+    if not isinstance(index, faiss.IndexPreTransform):
+        return []
+    return [faiss.downcast_VectorTransform(index.chain.at(i)) for i in range(index.chain.size())]
+
+
 def _flat_storage(index: faiss.Index) -> np.ndarray | None:
     """A zero-copy view of an IndexFlat's vectors, or None for other index types."""
     if isinstance(index, faiss.IndexFlat) and index.ntotal:
@@ -269,7 +276,7 @@ class FaissIndex(RetrievalIndex):
         inner = index
         if meta.get("pca") and isinstance(index, faiss.IndexPreTransform):
             # vitp's PCA chain wraps the index of the factory string (which may have a chain of its own, OPQ)
-            self.transforms = [faiss.downcast_VectorTransform(index.chain.at(i)) for i in range(index.chain.size())]
+            self.transforms = chain_transforms(index)
             inner = faiss.downcast_index(index.index)
         self.cpu_index = inner
         self.index = to_search_device(inner, faiss_device)
@@ -420,16 +427,20 @@ class FaissIndex(RetrievalIndex):
         tuning: dict[str, Any] = {"held_out_queries": len(held_out)}
         lists = getattr(faiss.try_extract_index_ivf(self.cpu_index), "nlist", 0)
         tunable = autoindex.tunable_parameter(self.meta["factory"], lists)
+
+        def search(batch: np.ndarray) -> object:  # what a served query costs
+            return self.index.search(batch, RECALL_K)
+
         if max_query_ms is not None and tunable is not None:
             def measure(parameters: dict[str, int]) -> float:
                 set_search_parameters(self.index, parameters)
-                return autoindex.time_per_query_ms(lambda q: self.index.search(q, RECALL_K), queries)
+                return autoindex.time_per_query_ms(search, queries)
 
             parameters, _ = autoindex.tune_search(measure, tunable, max_query_ms)
             self.meta["search_parameters"] = {**parameters, **self.meta["search_parameters"]}  # given ones win
             set_search_parameters(self.index, self.meta["search_parameters"])
             tuning.update(max_query_ms=max_query_ms, tuned=tunable.name)
-        tuning["ms_per_query"] = round(autoindex.time_per_query_ms(lambda q: self.index.search(q, RECALL_K), queries), 4)
+        tuning["ms_per_query"] = round(autoindex.time_per_query_ms(search, queries), 4)
         k = min(RECALL_K, count - 1)
         if k >= 1:
             _, approximate = self.top_k(queries, k, exclude=held_out)
@@ -564,9 +575,8 @@ def _train_faster(index: faiss.Index, opq_iterations: int | None) -> None:
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None and isinstance(faiss.downcast_index(ivf), faiss.IndexIVFPQ):
         faiss.downcast_index(ivf).do_polysemous_training = False
-    if opq_iterations is not None and isinstance(index, faiss.IndexPreTransform):
-        for i in range(index.chain.size()):
-            transform = faiss.downcast_VectorTransform(index.chain.at(i))
+    if opq_iterations is not None:
+        for transform in chain_transforms(index):
             if isinstance(transform, faiss.OPQMatrix):
                 transform.niter = opq_iterations
                 transform.max_train_points = autoindex.PQ_TRAIN_ROWS  # the rotation needs no more than a codebook
@@ -610,9 +620,7 @@ def _reserve_inverted_lists(index: faiss.Index, chunks) -> None:
     lists = None if ivf is None else faiss.downcast_InvertedLists(ivf.invlists)
     if not isinstance(lists, faiss.ArrayInvertedLists):
         return
-    transforms = []
-    if isinstance(index, faiss.IndexPreTransform):  # the factory's own rotation (OPQ) comes before the lists
-        transforms = [faiss.downcast_VectorTransform(index.chain.at(i)) for i in range(index.chain.size())]
+    transforms = chain_transforms(index)  # the factory's own rotation (OPQ) comes before the lists
     quantizer = faiss.downcast_index(ivf.quantizer)
     counts = np.zeros(ivf.nlist, dtype=np.int64)
     for _, chunk in chunks:
@@ -697,9 +705,7 @@ def exact_top_k(space: Space, queries: np.ndarray, k: int, exclude: np.ndarray |
 
 def _store_vector_source(store_path: str, index: faiss.Index, meta_pca: dict | None) -> Callable[[np.ndarray], np.ndarray]:
     """Exact vectors of a lossy index built from an embedding store: rows of the store, transformed."""
-    transforms = []
-    if meta_pca and isinstance(index, faiss.IndexPreTransform):
-        transforms = [faiss.downcast_VectorTransform(index.chain.at(i)) for i in range(index.chain.size())]
+    transforms = chain_transforms(index) if meta_pca else []
     opened: list = []
 
     def take(ids: np.ndarray) -> np.ndarray:
