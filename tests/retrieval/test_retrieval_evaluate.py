@@ -170,6 +170,10 @@ def test_without_full_map_the_per_query_ap_is_ap_at_the_largest_k():
     report = evaluate_retrieval(queries, gallery, top_k=[1, 2], full_map=False, progress_bar=False)
     assert set(report.per_query.metrics) == {"Top-1", "Top-2", "mAP@2"}
     assert report.per_query.metrics["mAP@2"].mean() == pytest.approx(report.map_at_k[2])
+    # the class table's interval column is the same metric's
+    report.add_intervals(50)
+    table = report.class_table_lines()
+    assert "mAP@2 95% interval" in table[0] and all("[" in line for line in table[2:]) and len(table) > 2
 
 
 def test_bootstrap_intervals_in_the_report():

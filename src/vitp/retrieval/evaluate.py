@@ -152,7 +152,7 @@ class EvaluationReport:
         width = max(5, *(len(row["class"]) for row in self.per_class))
         ks = self.top_k
         header = f"{'class':<{width}}  {'queries':>7}  " + "  ".join(f"{'Top-' + str(k):>6}" for k in ks)
-        map_label = "mAP" if self.mean_average_precision is not None else f"mAP@{ks[-1]}"
+        map_label = self.ap_metric
         header += f"  {'P@' + str(ks[-1]):>6}  {map_label:>6}"
         if self.intervals is not None:
             header += f"  {map_label + ' ' + format(self.intervals.confidence, '.0%') + ' interval':>20}"
@@ -161,7 +161,7 @@ class EvaluationReport:
             line = f"{row['class']:<{width}}  {row['queries']:>7}  " + "  ".join(f"{row['top_k'][f'top{k}']:>6.3f}" for k in ks)
             line += f"  {row['precision'][f'P@{ks[-1]}']:>6.3f}  {row['map']:>6.3f}"
             if self.intervals is not None:
-                interval = self.intervals.per_class[row["class"]][self.ap_metric]
+                interval = self.intervals.per_class[row["class"]][map_label]
                 line += f"  {f'[{interval.low:.3f}, {interval.high:.3f}]':>20}"
             lines.append(line)
         return lines
@@ -169,7 +169,12 @@ class EvaluationReport:
     @property
     def ap_metric(self) -> str:
         """The name of the per-query AP metric: full-ranking mAP, else mAP@K for the largest K."""
-        return "mAP" if self.mean_average_precision is not None else f"mAP@{self.top_k[-1]}"
+        return ap_metric_name(self.mean_average_precision is not None, self.top_k)
+
+
+def ap_metric_name(full_ranking: bool, top_k: list[int]) -> str:
+    """What the per-query AP is called: ``mAP`` over the full ranking, else ``mAP@K`` for the largest K."""
+    return "mAP" if full_ranking else f"mAP@{top_k[-1]}"
 
 
 def require_two_classes(labels: np.ndarray, name: str) -> None:
@@ -296,7 +301,7 @@ def evaluate_retrieval(
     per_class = _per_class_rows(classes, q_classes, top_k, per_query, ap_values)
     query_results = QueryResults(
         queries.image_paths[selected], classes[q_classes],
-        {**{f"Top-{k}": per_query["top"][k] for k in top_k}, ("mAP" if ap is not None else f"mAP@{top_k[-1]}"): ap_values},
+        {**{f"Top-{k}": per_query["top"][k] for k in top_k}, ap_metric_name(ap is not None, top_k): ap_values},
     )
     report = EvaluationReport(
         num_queries=len(queries),
