@@ -87,10 +87,6 @@ class TreePeak:
         self._thread.join()
 
 
-def gib(nbytes: float) -> str:
-    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.0f} MiB"
-
-
 # --------------------------------------------------------------------------------------------------
 # (b) the synthetic gallery
 
@@ -178,7 +174,7 @@ def run_child(kind: str, work: Path, args: argparse.Namespace, budget: int = 0, 
 
 
 def index_benchmark(args: argparse.Namespace, work: Path) -> None:
-    from vitp.retrieval.backends.autoindex import recall_at_k
+    from vitp.retrieval.backends.autoindex import human_bytes, recall_at_k
 
     print(f"writing {args.n} x {args.dim} clustered vectors as an embedding store ...", flush=True)
     write_gallery(work / "store", args.n, args.dim)
@@ -194,18 +190,18 @@ def index_benchmark(args: argparse.Namespace, work: Path) -> None:
     exact = results["Flat (exact)"]["ids"]
     flat_rate = results["Flat (exact)"]["queries_per_s"]
 
-    print(f"\n{args.n} x {args.dim} float32 vectors (Flat index {gib(flat_bytes)}; budget {gib(budget)}, tuned to "
+    print(f"\n{args.n} x {args.dim} float32 vectors (Flat index {human_bytes(flat_bytes)}; budget {human_bytes(budget)}, tuned to "
           f"{max_query_ms:.2f} ms per query), {args.queries} queries, k=10; {os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.1f}")
     print(f"{'':<22}{'build':>9}{'peak added':>12}{'peak':>11}{'on disk':>10}{'recall@10':>11}{'queries/s':>11}{'vs Flat':>9}")
     for name, r in results.items():
         peak = r["tree_peak"] if "Milvus" in name else r["peak"]
-        print(f"{name:<22}{r['build_s']:>8.1f}s{gib(r['peak_added']):>12}{gib(peak):>11}{gib(r['on_disk']):>10}"
+        print(f"{name:<22}{r['build_s']:>8.1f}s{human_bytes(r['peak_added']):>12}{human_bytes(peak):>11}{human_bytes(r['on_disk']):>10}"
               f"{recall_at_k(r['ids'], exact):>11.4f}{r['queries_per_s']:>11.1f}{r['queries_per_s'] / flat_rate:>8.1f}x")
     for name, r in results.items():
         print(f"  {name}: {r['index']}" + (f"; build's own report: {r['tuning']}" if r.get("tuning") else ""))
     budgeted = results["budget (1/4 of Flat)"]
-    print(f"the store's paths and labels, loaded before each build: {gib(budgeted['metadata_bytes'])}")
+    print(f"the store's paths and labels, loaded before each build: {human_bytes(budgeted['metadata_bytes'])}")
     print(f"goals: budgeted peak added {budgeted['peak_added'] / budget:.2f}x its budget (<= 1.3), "
           f"recall@10 {recall_at_k(budgeted['ids'], exact):.4f} (>= 0.90), "
           f"queries/s {budgeted['queries_per_s'] / flat_rate:.1f}x Flat (>= 10)")
