@@ -326,12 +326,12 @@ def _write_store(
     """Store shard ``j`` holds the kept images among files ``j * shard_size ...``: the same shards whatever
     the number of ranks. Each rank writes a contiguous run of them; rank 0 writes the manifest last."""
     building = partial_directory(output) / "store"
-    num_shards = -(-len(names) // shard_size)
-    for number in rank_batches(num_shards, world.rank, world.size):
-        files = range(number * shard_size, min((number + 1) * shard_size, len(names)))
-        kept = [i for i in files if names[i] in done.rows]
-        if kept:
-            paths = [names[i] for i in kept]
+    # The kept paths of each store shard, in file order (every rank computes the same list).
+    shard_paths = [[name for name in names[start : start + shard_size] if name in done.rows]
+                   for start in range(0, len(names), shard_size)]
+    for number in rank_batches(len(shard_paths), world.rank, world.size):
+        paths = shard_paths[number]
+        if paths:
             embedding_store.write_shard(
                 building, embedding_store.shard_name(number), done.gather(paths), paths,
                 list(labels_from_paths(np.array(paths, dtype=str))),
@@ -339,12 +339,7 @@ def _write_store(
             )
     world.barrier()
     if world.is_main:
-        shards = []
-        for number in range(num_shards):
-            files = range(number * shard_size, min((number + 1) * shard_size, len(names)))
-            rows = sum(1 for i in files if names[i] in done.rows)
-            if rows:
-                shards.append((embedding_store.shard_name(number), rows))
+        shards = [(embedding_store.shard_name(number), len(paths)) for number, paths in enumerate(shard_paths) if paths]
         embedding_store.write_manifest(building, settings, dtype, done.dimension, shards)
         replace_directory(building, output)
 
