@@ -100,7 +100,7 @@ def train_once(config, batches, device: str, packed: bool) -> float:
     if packed:
         use_packed_attention(model)  # as `vitp pretrain --use_packed_ds` does
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    inputs = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items() if k not in ("where", "dropped")}
+    inputs = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items() if k != "dropped"}
               for b in batches]
     model(**inputs[0]).loss.backward()  # warm-up
     optimizer.zero_grad(set_to_none=True)

@@ -69,3 +69,12 @@ def test_missing_or_doubled_paths_are_one_clear_error(argv, message, capsys):
     assert main(["export-vit", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err
+
+
+def test_the_command_lines_formats_are_the_librarys():
+    from vitp.cli.vit import EXPORT_FORMS, SAVE_FORMS
+    from vitp.model.vit_checkpoint import SAVE_FORMATS
+    from vitp.train.export import EXPORT_FORMATS
+
+    assert SAVE_FORMS == SAVE_FORMATS
+    assert EXPORT_FORMS == tuple(EXPORT_FORMATS)

@@ -272,6 +272,21 @@ def write_internlm2_causal_lm(directory, seed=0, **config_overrides):
     return config, weights
 
 
+def write_qwen2_causal_lm(directory, tokenizer, seed=None):
+    """A tiny Qwen2 causal-LM directory (hidden 48, 2 layers, tied embeddings) with ``tokenizer`` beside it,
+    as Qwen2.5 checkpoints ship. ``seed``: randomize every parameter (else transformers' init). Returns the LM."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tokenizer), tie_word_embeddings=True)
+    llm = Qwen2ForCausalLM(config)
+    if seed is not None:
+        randomize_(llm, seed=seed)
+    llm.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return llm.eval()
+
+
 # transformers InternVLVisionConfig values of tiny InternViTs: 300M's architecture, and 6B's (RMSNorm,
 # whole-width QK-norm, no qkv bias; the real 6B has hidden 3200, 25 heads of 128, MLP 12800)
 TINY_VISION_HF = dict(

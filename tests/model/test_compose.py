@@ -4,12 +4,12 @@
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import InternVLForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM
+from transformers import InternVLForConditionalGeneration
 
 from vitp import WeightFormatError, build_vit, save_vit
 from vitp.data.templates import IMG_CONTEXT
 from vitp.model.checkpoint import compose_vlm, save_vlm
-from vitp_testing import internlm2_logits, randomize_, write_internlm2_causal_lm
+from vitp_testing import internlm2_logits, randomize_, write_internlm2_causal_lm, write_qwen2_causal_lm
 
 LOGIT_TOLERANCE = 1e-4
 
@@ -26,11 +26,7 @@ def vitp_release_file(tmp_path):
 
 @pytest.fixture
 def qwen2_directory(tmp_path, bpe_tokenizer):
-    config = Qwen2Config(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(bpe_tokenizer), tie_word_embeddings=True)
-    llm = randomize_(Qwen2ForCausalLM(config), seed=2).eval()
-    llm.save_pretrained(tmp_path / "Qwen2.5-tiny")
-    bpe_tokenizer.save_pretrained(tmp_path / "Qwen2.5-tiny")
+    llm = write_qwen2_causal_lm(tmp_path / "Qwen2.5-tiny", bpe_tokenizer, seed=2)
     return tmp_path / "Qwen2.5-tiny", llm
 
 

@@ -55,3 +55,6 @@ def test_an_llm_transformers_does_not_ship_is_refused_by_name():
     with pytest.raises(ConfigError, match="rope_scaling"):
         llm_family({"model_type": "internlm2", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
                     "intermediate_size": 64, "vocab_size": 10, "rope_scaling": {"type": "yarn", "factor": 2.0}}, "c")
+    with pytest.raises(ConfigError, match="rope_scaling .*Phi-3 defines 'su'/'longrope'"):
+        llm_family({"model_type": "phi3", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                    "intermediate_size": 64, "vocab_size": 10, "rope_scaling": {"rope_type": "longrope"}}, "c")

@@ -18,7 +18,7 @@ from transformers import (
 )
 
 from vitp_testing import TINY_6B_HF, TINY_VISION_HF, hf_to_remote_code, layer_differences, randomize_
-from vitp import WeightFormatError, build_vit, inspect_checkpoint, load_vit, save_vit
+from vitp import ConfigError, WeightFormatError, build_vit, inspect_checkpoint, load_vit, save_vit
 
 TINY_HF = TINY_VISION_HF
 TOLERANCE = 1e-5
@@ -298,6 +298,12 @@ def test_missing_path(tmp_path):
 def test_unknown_model_type(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
     with pytest.raises(WeightFormatError, match="unknown model_type 'llava'"):
+        load_vit(tmp_path)
+
+
+def test_sub_config_that_is_not_an_object_names_the_key(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "internvl", "vision_config": [1, 2]}))
+    with pytest.raises(ConfigError, match=r"config.json: 'vision_config' must be an object, found list"):
         load_vit(tmp_path)
 
 

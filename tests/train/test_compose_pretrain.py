@@ -4,12 +4,12 @@ and a causal LM directory), from the command line to a checkpoint transformers l
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import InternVLForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM
+from transformers import InternVLForConditionalGeneration, Qwen2ForCausalLM
 
 from vitp import build_vit, save_vit
 from vitp.cli import main
 from vitp.data.tokenizer import load_tokenizer
-from vitp_testing import randomize_
+from vitp_testing import randomize_, write_qwen2_causal_lm
 
 
 @pytest.fixture(scope="module")
@@ -18,11 +18,7 @@ def parts(workspace, tmp_path_factory):
     root = tmp_path_factory.mktemp("parts")
     vit = randomize_(build_vit("internvit-tiny"), seed=1)
     save_vit(vit, root / "vit" / "ViTP_ViT_tiny.safetensors", to="vitp")
-    tokenizer = load_tokenizer(workspace / "tok")
-    config = Qwen2Config(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(tokenizer), tie_word_embeddings=True)
-    Qwen2ForCausalLM(config).save_pretrained(root / "llm")
-    tokenizer.save_pretrained(root / "llm")
+    write_qwen2_causal_lm(root / "llm", load_tokenizer(workspace / "tok"))
     return root / "vit" / "ViTP_ViT_tiny.safetensors", root / "llm"
 
 

@@ -8,7 +8,10 @@ from vitp.cli.types import positive_int
 from vitp.options import PRECISIONS
 
 DTYPES = {"keep": None, **PRECISIONS}
-EXPORT_FORMS = ("vitp+hf", "vitp", "hf", "internvit")  # vitp.train.export.EXPORT_FORMATS, without importing torch
+# vitp.model.vit_checkpoint.SAVE_FORMATS and vitp.train.export.EXPORT_FORMATS, written out: importing those
+# modules here would import torch for every `vitp --help` (a test keeps them equal)
+SAVE_FORMS = ("vitp", "hf", "internvit")
+EXPORT_FORMS = ("vitp+hf", "vitp", "hf", "internvit")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("source", help="checkpoint directory or weights file")
     parser.add_argument("destination", help="--to vitp: a .safetensors path; --to hf / internvit: a directory")
-    parser.add_argument("--to", choices=("vitp", "hf", "internvit"), required=True, help="output format")
+    parser.add_argument("--to", choices=SAVE_FORMS, required=True, help="output format")
     parser.add_argument("--key_prefix", default="vision_model.", help="key prefix in --to vitp files (default: %(default)s)")
     _add_config_flags(parser)
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="keep", help="precision written (default: as stored)")

@@ -62,12 +62,12 @@ def validate_data_settings(settings: DataSettings, patch_size: int | None = None
     validate_image_geometry(settings.force_image_size, patch_size)
     if settings.num_image_token < 1:
         raise ConfigError(f"a {settings.force_image_size}px tile would become {settings.num_image_token} image "
-                                "tokens; use a larger force_image_size or down_sample_ratio")
+                          "tokens; use a larger force_image_size or down_sample_ratio")
     if settings.min_dynamic_patch < 1:
         raise ConfigError(f"min_dynamic_patch must be at least 1, got {settings.min_dynamic_patch}")
     if settings.max_dynamic_patch < settings.min_dynamic_patch:
         raise ConfigError(f"max_dynamic_patch {settings.max_dynamic_patch} is below "
-                                f"min_dynamic_patch {settings.min_dynamic_patch}")
+                          f"min_dynamic_patch {settings.min_dynamic_patch}")
     if settings.max_seq_length < 1:
         raise ConfigError(f"max_seq_length must be at least 1, got {settings.max_seq_length}")
     for spec in specs:

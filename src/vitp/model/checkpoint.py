@@ -23,7 +23,7 @@ from vitp.errors import ConfigError, WeightFormatError
 from vitp.files import write_json
 from vitp.model.formats.keymap import KeyMap
 from vitp.model.formats.llm import llm_family
-from vitp.model.formats.vit import config_from_hf, config_from_internvit, config_to_hf
+from vitp.model.formats.vit import config_from_hf, config_from_internvit, config_to_hf, nested_config
 from vitp.model.formats.vlm import canonical_hf_key, llm_keymap, projector_keymap, vlm_keymap
 from vitp.model.projector import build_projector
 from vitp.model.tmaug import TMAugConfig
@@ -42,8 +42,8 @@ def read_vlm_config(directory: Path, image_token_id: int) -> tuple[VLMConfig, Ke
     where = str(directory / "config.json")
     values = read_json(directory / "config.json")
     if values.get("model_type") == "internvl_chat" or "llm_config" in values:
-        vision = config_from_internvit(_object(values, "vision_config", where), f"{where}: vision_config")
-        family, text = llm_family(_object(values, "llm_config", where), f"{where}: llm_config")
+        vision = config_from_internvit(nested_config(values, "vision_config", where), f"{where}: vision_config")
+        family, text = llm_family(nested_config(values, "llm_config", where), f"{where}: llm_config")
         if values.get("ps_version", "v2") != "v2":
             raise ConfigError(f"{where}: ps_version {values.get('ps_version')!r}; vitp implements InternVL's pixel shuffle 'v2'")
         config = VLMConfig(
@@ -55,8 +55,8 @@ def read_vlm_config(directory: Path, image_token_id: int) -> tuple[VLMConfig, Ke
         kind = f"InternVL remote-code checkpoint directory ({family.name} LLM)"
         return config, vlm_keymap("internvit", family.keymap_for(text)), kind
     if values.get("model_type") == "internvl":
-        vision = config_from_hf(_object(values, "vision_config", where), f"{where}: vision_config")
-        _, text = llm_family(_object(values, "text_config", where), f"{where}: text_config")
+        vision = config_from_hf(nested_config(values, "vision_config", where), f"{where}: vision_config")
+        _, text = llm_family(nested_config(values, "text_config", where), f"{where}: text_config")
         saved_id = values.get("image_token_id")
         if saved_id is not None and saved_id != image_token_id:
             raise ConfigError(f"{where}: image_token_id {saved_id} but the tokenizer's {IMG_CONTEXT} is {image_token_id}")
@@ -71,13 +71,6 @@ def read_vlm_config(directory: Path, image_token_id: int) -> tuple[VLMConfig, Ke
     raise WeightFormatError(
         f"{where}: model_type {values.get('model_type')!r} is not an InternVL model ('internvl_chat' or 'internvl')"
     )
-
-
-def _object(values: dict, key: str, where: str) -> dict:
-    value = values.get(key)
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where}: {key!r} must be an object, found {type(value).__name__}")
-    return value
 
 
 def load_vlm(

@@ -31,6 +31,7 @@ from vitp.model.formats.vit import (
     config_from_vitp,
     config_to_hf,
     config_to_internvit,
+    nested_config,
 )
 from vitp.files import write_json
 from vitp.model.vision import PRESETS, InternViT, VisionConfig
@@ -107,10 +108,10 @@ def _inspect_directory(directory: Path) -> Checkpoint:
     architectures = config.get("architectures") or []
     if "vision_config" in config and ("llm_config" in config or model_type == "internvl_chat"):
         kind, layout = "InternVL remote-code checkpoint directory", "internvit"
-        vit_config = config_from_internvit(_sub(config, "vision_config", where), f"{where}: vision_config")
+        vit_config = config_from_internvit(nested_config(config, "vision_config", where), f"{where}: vision_config")
     elif model_type == "internvl" or ("vision_config" in config and "text_config" in config):
         kind, layout = "transformers InternVL checkpoint directory", "hf"
-        vit_config = config_from_hf(_sub(config, "vision_config", where), f"{where}: vision_config")
+        vit_config = config_from_hf(nested_config(config, "vision_config", where), f"{where}: vision_config")
     elif model_type == "internvl_vision":
         kind, layout = "transformers InternVLVisionModel directory", "hf"
         vit_config = config_from_hf(config, where)
@@ -131,13 +132,6 @@ def _inspect_directory(directory: Path) -> Checkpoint:
             f"{LAYOUT_NAMES[found_layout]}"
         )
     return Checkpoint(directory, kind, source, layout, prefix, vit_config, where)
-
-
-def _sub(config: dict, key: str, where: str) -> dict:
-    value = config.get(key)
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where}: {key!r} must be an object, found {type(value).__name__}")
-    return value
 
 
 def _inspect_file(path: Path) -> Checkpoint:

@@ -250,10 +250,9 @@ def warn_if_batch_exceeds_data(num_samples: int, args: TrainingArguments) -> Non
 
 
 def prepare_output_dir(args: TrainingArguments) -> Path:
-    """The output directory, created; with overwrite_output_dir an earlier run's checkpoints are
-    removed first, or a later run without the flag would resume from them."""
+    """The output directory (checked by check_output_dir), created; with overwrite_output_dir an earlier
+    run's checkpoints are removed first, or a later run without the flag would resume from them."""
     output = Path(args.output_dir)
-    check_output_dir(args)
     if args.overwrite_output_dir and is_main_process():
         for old in checkpoints(output):
             shutil.rmtree(old)
@@ -406,7 +405,7 @@ class VitpTrainer(Trainer):
             self._window["sequence_tokens"] += outputs.sequence_tokens or 0
             samples = count_samples(inputs["attention_mask"], inputs.get("segment_ids"))
             self._window["samples"] += samples
-            self._samples_total += int(samples)
+            self._samples_total += samples
             for key, value in (outputs.tmaug or {}).items():
                 if key != "samples":
                     self._window[key] += value

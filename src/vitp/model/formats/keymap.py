@@ -164,10 +164,6 @@ class KeyMap:
                     return Group(rule, _fill(rule.ours, values), _fill(rule.theirs, values))
         raise KeyError(f"{key!r}: no rule of this format names it")
 
-    def their_names(self, key: str) -> tuple[str, ...]:
-        """The stored name(s) of our tensor ``key``."""
-        return self._group_of(key).theirs
-
     def our_names(self, their_key: str) -> tuple[str, ...]:
         """Our tensor(s) that a stored tensor holds (part of); empty if no rule names it."""
         for rule in self.rules:

@@ -41,6 +41,11 @@ def _native(values: Mapping[str, Any], where: str) -> dict[str, Any]:
     return {k: v for k, v in values.items() if not k.startswith("_") and k not in _MACHINE_KEYS}
 
 
+def _rope_scaling_type(scaling: Any) -> str | None:
+    """A stored ``rope_scaling``'s kind: older configs spell the key ``type``, newer ones ``rope_type``."""
+    return scaling.get("type", scaling.get("rope_type")) if isinstance(scaling, dict) else None
+
+
 def _internlm2_as_llama(values: Mapping[str, Any], where: str) -> dict[str, Any]:
     """InternLM2's config as transformers' Llama config. Keys left out take the defaults of
     InternLM2's own ``InternLM2Config``; InternLM2 is Llama with fused q/k/v (bias set by ``bias``, on
@@ -58,7 +63,7 @@ def _internlm2_as_llama(values: Mapping[str, Any], where: str) -> dict[str, Any]
     rope = {"rope_type": "default", "rope_theta": float(values.get("rope_theta", 10000))}
     scaling = values.get("rope_scaling")
     if scaling:
-        kind = scaling.get("type", scaling.get("rope_type")) if isinstance(scaling, dict) else None
+        kind = _rope_scaling_type(scaling)
         if kind not in ("linear", "dynamic") or not isinstance(scaling.get("factor"), (int, float)):
             raise ConfigError(
                 f"{where}: rope_scaling {scaling!r}: InternLM2 defines 'linear' and 'dynamic' with a 'factor'"
@@ -97,7 +102,7 @@ def _phi3_longrope(values: Mapping[str, Any], where: str) -> dict[str, Any]:
     scaling = native.pop("rope_scaling", None)
     rope = {"rope_type": "default", "rope_theta": float(native.pop("rope_theta", 10000.0))}
     if scaling:
-        kind = scaling.get("type", scaling.get("rope_type")) if isinstance(scaling, dict) else None
+        kind = _rope_scaling_type(scaling)
         if kind not in ("su", "longrope") or not {"short_factor", "long_factor"} <= set(scaling):
             raise ConfigError(f"{where}: rope_scaling {scaling!r}: Phi-3 defines 'su'/'longrope' with short and long factors")
         rope.update(

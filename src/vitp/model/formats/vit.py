@@ -201,6 +201,14 @@ def config_from_vitp(values: Any, where: str) -> VisionConfig:
         raise ConfigError(f"{where}: {err}") from None
 
 
+def nested_config(values: Mapping[str, Any], key: str, where: str) -> dict[str, Any]:
+    """A checkpoint config's sub-config (``vision_config``, ``llm_config``, ``text_config``), which must be an object."""
+    value = values.get(key)
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: {key!r} must be an object, found {type(value).__name__}")
+    return value
+
+
 def _required(values: Mapping[str, Any], key: str, where: str) -> Any:
     if key not in values:
         raise ConfigError(f"{where}: missing key {key!r} in the vision config")
