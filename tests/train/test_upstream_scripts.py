@@ -82,7 +82,8 @@ def test_upstream_launch_script_runs_unchanged(request, script, checkpoint_fixtu
     trained, _ = load_vlm(output)
     base, _ = load_vlm(checkpoint, image_size=int(SIZES["--force_image_size"]))
     if values.get("--freeze_backbone") == "True":  # the ViT stays as it was
-        assert all(torch.equal(v, trained.state_dict()[k]) for k, v in base.state_dict().items() if k.startswith("vision_model."))
+        vit = {k: v for k, v in base.state_dict().items() if k.startswith("vision_model.")}
+        assert vit and all(torch.equal(v, trained.state_dict()[k]) for k, v in vit.items())
     if "--use_llm_lora" in values:
         assert (output / "llm_lora" / "adapter_config.json").is_file()
     if "--TMAug_prob" in values:
