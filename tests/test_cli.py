@@ -89,3 +89,24 @@ def test_the_command_line_starts_without_importing_transformers():
     code = "import sys; from vitp.cli import build_parser; build_parser(); print('transformers' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "False", result.stderr[-2000:]
+
+
+def test_output_piped_into_a_reader_that_stops_early_ends_quietly():
+    """`vitp ... | head`: the reader closes the pipe; the command stops with 141 (as a shell reports
+    SIGPIPE) and prints no traceback, not even Python's 'Exception ignored' at exit."""
+    code = (
+        "import argparse, sys\n"
+        "import vitp.cli as cli\n"
+        "def build_parser():\n"
+        "    parser = argparse.ArgumentParser(prog='vitp')\n"
+        "    parser.set_defaults(handler=lambda args: [print('result', i) for i in range(10**7)] and 0)\n"
+        "    return parser\n"
+        "cli.build_parser = build_parser\n"
+        "sys.exit(cli.main([]))\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert child.stdout.readline() == "result 0\n"
+    child.stdout.close()  # as `head -1` exits
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 141, err[-2000:]
+    assert "Traceback" not in err and "BrokenPipeError" not in err and "Exception ignored" not in err, err

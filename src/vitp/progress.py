@@ -28,11 +28,6 @@ def disable() -> None:
     _enabled = False
 
 
-def enabled() -> bool:
-    """Whether progress is shown at all (bars or plain lines)."""
-    return _enabled
-
-
 def bars_shown(stream: TextIO | None = None) -> bool:
     """Whether a redrawn bar is the right kind of progress: enabled, and ``stream`` (stderr) is a terminal."""
     stream = stream or sys.stderr

@@ -36,7 +36,7 @@ def test_headline_says_ahead_only_where_the_interval_excludes_zero():
     titles = {"random": "random init", "histogram": "colour histogram"}
     text = headline(comparisons, titles)
     assert text.startswith("Pretraining helped: on class-balanced mAP the pretrained ViT is ahead of the random init")
-    assert "no measurably different from the colour histogram" in text
+    assert "not measurably different from the colour histogram" in text
     assert verdict_sentence(comparisons["histogram"], "colour histogram") == (
         "Against the colour histogram: no measurable difference on micro Top-1, micro mAP, "
         "class-balanced Top-1, class-balanced mAP.")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vitp.cli.types import positive_int
+from vitp.cli.types import positive_int, progress_option
 from vitp.demo.ablation import ABLATIONS  # light modules: names and dataclasses only
 from vitp.demo.settings import DEFAULT, QUICK
 
@@ -12,6 +12,8 @@ from vitp.demo.settings import DEFAULT, QUICK
 def register(subparsers: argparse._SubParsersAction) -> None:
     demo = subparsers.add_parser(
         "demo",
+        parents=[progress_option("no training progress bar (without a terminal there is none: the loss lines are "
+                                 "printed)")],
         help="ViTP end to end on a built-in Sentinel-2 scene, on a CPU, with a report",
         description="Builds a land-cover tile data set from a real Sentinel-2 scene, pretrains a tiny InternVL "
         "from scratch, exports its ViT and compares retrieval against the random-init ViT and a colour histogram: "
@@ -32,8 +34,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="also evaluate retrieval with the ViT of every N-th step's checkpoint (mAP against steps)")
     demo.add_argument("--retrain", action="store_true",
                       help="pretrain again even where a finished pretraining of the same settings exists")
-    demo.add_argument("--no_progress", action="store_true",
-                      help="no training progress bar (without a terminal there is none: the loss lines are printed)")
     demo.set_defaults(handler=_run_demo)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from vitp.demo.settings import DemoSettings
 from vitp.retrieval.evaluate import EvaluationReport
 from vitp.retrieval.feature_file import FeatureSet
 from vitp.retrieval.statistics import AHEAD, BEHIND, NO_DIFFERENCE, Comparison, compare
@@ -46,10 +47,6 @@ def compare_methods(a: MethodResult, b: MethodResult, seed: int, name_a: str | N
                    name_a=name_a or a.method, name_b=name_b or b.method)
 
 
-def metric_names(result: MethodResult) -> list[str]:
-    return list(result.report.per_query.metrics)
-
-
 def verdict_sentence(comparison: Comparison, baseline_name: str) -> str:
     """'Against <baseline>: ahead on ...; no measurable difference on ...; behind on ...'."""
     groups: dict[str, list[str]] = {AHEAD: [], NO_DIFFERENCE: [], BEHIND: []}
@@ -65,7 +62,7 @@ def baseline_wins_sentence(comparison: Comparison, baseline_name: str) -> str:
     """The classes where the baseline scores higher on Top-1 or mAP (point values), and whether the
     paired interval of that class's difference says it is measurable."""
     wins: dict[str, list[str]] = {}
-    for metric in ("Top-1", comparison_ap_metric(comparison)):
+    for metric in ("Top-1", "mAP"):
         for name in comparison.classes_where_b_wins(metric):
             measurable = comparison.differences.per_class[name][metric].verdict != NO_DIFFERENCE
             wins.setdefault(name, []).append(f"{metric} {'measurably' if measurable else 'within noise'}")
@@ -75,30 +72,25 @@ def baseline_wins_sentence(comparison: Comparison, baseline_name: str) -> str:
             + "; ".join(f"{name} ({', '.join(metrics)})" for name, metrics in wins.items()) + ".")
 
 
-def comparison_ap_metric(comparison: Comparison) -> str:
-    return next(name for name in comparison.differences.micro if name.startswith("mAP"))
-
-
 def headline(comparisons: dict[str, Comparison], names: dict[str, str]) -> str:
     """The report's first sentence: class-balanced mAP against each baseline, by its interval."""
     random = comparisons["random"]
-    ap = comparison_ap_metric(random)
     outcome = {AHEAD: "Pretraining helped", NO_DIFFERENCE: "Pretraining made no measurable difference",
-               BEHIND: "Pretraining hurt"}[random.differences.class_balanced[ap].verdict]
+               BEHIND: "Pretraining hurt"}[random.differences.class_balanced["mAP"].verdict]
     parts = []
     for method, comparison in comparisons.items():
-        diff = comparison.differences.class_balanced[ap]
-        word = {AHEAD: "ahead of", NO_DIFFERENCE: "no measurably different from", BEHIND: "behind"}[diff.verdict]
-        parts.append(f"{word} the {names[method]} ({comparison.a['class_balanced'][ap]:.3f} vs "
-                     f"{comparison.b['class_balanced'][ap]:.3f}, difference {diff.format(3, signed=True)})")
-    return f"{outcome}: on class-balanced {ap} the pretrained ViT is " + " and ".join(parts) + "."
+        diff = comparison.differences.class_balanced["mAP"]
+        word = {AHEAD: "ahead of", NO_DIFFERENCE: "not measurably different from", BEHIND: "behind"}[diff.verdict]
+        parts.append(f"{word} the {names[method]} ({comparison.a['class_balanced']['mAP']:.3f} vs "
+                     f"{comparison.b['class_balanced']['mAP']:.3f}, difference {diff.format(3, signed=True)})")
+    return f"{outcome}: on class-balanced mAP the pretrained ViT is " + " and ".join(parts) + "."
 
 
 def seed_spread(per_seed: list[MethodResult]) -> dict[str, dict[str, tuple[float, float]]]:
     """average -> metric -> (mean, sample std) over the runs of one method with different seeds."""
     spread: dict[str, dict[str, tuple[float, float]]] = {}
     for average, _ in AVERAGES:
-        for metric in metric_names(per_seed[0]):
+        for metric in per_seed[0].report.per_query.metrics:
             values = np.array([result.value(average, metric) for result in per_seed])
             std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
             spread.setdefault(average, {})[metric] = (float(values.mean()), std)
@@ -160,7 +152,7 @@ class VariantResult:
 
 @dataclass
 class DemoResults:
-    settings: Any  # vitp.demo.run.DemoSettings
+    settings: DemoSettings
     quick: bool
     machine: dict[str, Any]
     summary: dict[str, Any]  # the data set

@@ -25,6 +25,7 @@ from vitp.demo.evidence import (  # noqa: E402
     baseline_wins_sentence,
     headline,
     machine_sentence,
+    seed_spread,
     verdict_sentence,
 )
 from vitp.demo.scene import CLASSES  # noqa: E402
@@ -259,8 +260,8 @@ def ablation_rows(results: DemoResults) -> list[list[str]]:
                first.class_balanced["mAP"].format(3),
                f"{diff.format(3, signed=True)}: {diff.verdict}" if diff else "(reference)"]
         if several:
-            values = np.array([r.vitp.value("class_balanced", "mAP") for r in v.runs])
-            row.append(f"{values.mean():.3f} ± {values.std(ddof=1):.3f}")
+            mean, std = seed_spread([r.vitp for r in v.runs])["class_balanced"]["mAP"]
+            row.append(f"{mean:.3f} ± {std:.3f}")
         row += ["" if v.variant.paper is None else f"{v.variant.paper:.1f}", " / ".join(duration(r) for r in v.runs)]
         rows.append(row)
     return rows
