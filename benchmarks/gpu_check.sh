@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything about vitp that only a GPU can show, in one command, in under 8 minutes on one H100/H200.
 #
-#   bash benchmarks/gpu_check.sh            # on a CUDA machine (no network needed)
+#   bash benchmarks/gpu_check.sh            # on a CUDA machine (no network needed, unless DeepSpeed is missing: then one pip try)
 #   bash benchmarks/gpu_check.sh --dry-run  # every step on tiny models on the CPU (CI runs this)
 #
 # Steps, each with its own time budget (the rest are skipped with a note once the total is spent):

@@ -3,6 +3,7 @@ output paths refused before any work is done. Nothing heavy is imported here."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -100,7 +101,10 @@ class atomic_path:
             raise ConfigError(f"{self.path}: cannot write it ({what})") from None
 
 
+@functools.cache
 def _current_umask() -> int:
+    # Reading the umask means setting it: do it once per process, not in every write, where a
+    # thread creating a file in between would get mode 0666.
     mask = os.umask(0)
     os.umask(mask)
     return mask
