@@ -373,3 +373,24 @@ def parser_refusal(argv, capsys) -> str:
         main(argv)
     assert exit_info.value.code == 2
     return capsys.readouterr().err
+
+
+def multi_image_batch(model, pad_id):
+    """A right-padded batch of two samples: one image of 3 tiles; two images of 1 tile each with text
+    between them. Returns (ids, attention mask, labels on the text after the first image, pixels, tiles
+    per sample)."""
+    ctx, n = model.vlm_config.image_token_id, model.vlm_config.num_image_token
+    rows = [
+        [40, 41] + [ctx] * (3 * n) + [42, 43, 44, 45],
+        [40] + [ctx] * n + [46, 47] + [ctx] * n + [48, 49, 50],
+    ]
+    longest = max(map(len, rows))
+    ids = torch.full((2, longest), pad_id)
+    mask = torch.zeros(2, longest, dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, : len(row)] = torch.tensor(row)
+        mask[r, : len(row)] = 1
+    labels = torch.where((ids >= 42) & (mask == 1), ids, torch.full_like(ids, -100))
+    size = model.vlm_config.vision.image_size
+    pixels = torch.randn(5, 3, size, size, generator=torch.Generator().manual_seed(4))
+    return ids, mask, labels, pixels, torch.tensor([3, 2])

@@ -17,6 +17,7 @@ from vitp.train.packing import PackedCollator
 from vitp.data.dataset import Collator
 
 from gpu_testing import lively_
+from vitp_testing import multi_image_batch
 
 pytestmark = pytest.mark.gpu
 
@@ -58,20 +59,7 @@ def test_vit_in_bf16_matches_transformers_and_takes_the_flash_kernel(lively_vit,
 
 
 def image_text_batch(model, pad_id: int, device: str):
-    """Two samples: one image of 3 tiles; two 1-tile images with text between them (right padding)."""
-    ctx, per_tile = model.vlm_config.image_token_id, model.vlm_config.num_image_token
-    rows = [[40, 41] + [ctx] * (3 * per_tile) + [42, 43, 44, 45],
-            [40] + [ctx] * per_tile + [46, 47] + [ctx] * per_tile + [48, 49, 50]]
-    longest = max(map(len, rows))
-    ids = torch.full((2, longest), pad_id)
-    mask = torch.zeros(2, longest, dtype=torch.long)
-    for r, row in enumerate(rows):
-        ids[r, : len(row)] = torch.tensor(row)
-        mask[r, : len(row)] = 1
-    labels = torch.where((ids >= 42) & (mask == 1), ids, torch.full_like(ids, -100))
-    size = model.vlm_config.vision.image_size
-    pixels = torch.randn(5, 3, size, size, generator=torch.Generator().manual_seed(4))
-    return [t.to(device) for t in (ids, mask, labels, pixels, torch.tensor([3, 2]))]
+    return [t.to(device) for t in multi_image_batch(model, pad_id)]
 
 
 def test_vlm_logits_in_bf16_match_transformers(bpe_tokenizer, device, vlm_preset, tmp_path):

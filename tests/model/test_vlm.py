@@ -10,7 +10,7 @@ from transformers import InternVLForConditionalGeneration
 
 from vitp.model.checkpoint import build_vlm, load_vlm, save_vlm
 from vitp.model.tmaug import TMAugConfig
-from vitp_testing import hf_to_remote_code, randomize_
+from vitp_testing import hf_to_remote_code, multi_image_batch, randomize_
 
 LOGIT_TOLERANCE = 1e-4
 
@@ -19,24 +19,6 @@ LOGIT_TOLERANCE = 1e-4
 def tiny_vlm(bpe_tokenizer):
     torch.manual_seed(0)
     return randomize_(build_vlm("internvl-tiny", bpe_tokenizer), std=0.2).eval()
-
-
-def multi_image_batch(model, pad_id):
-    """Two samples: one image of 3 tiles; two images of 1 tile each, with text between them."""
-    ctx, n = model.vlm_config.image_token_id, model.vlm_config.num_image_token
-    rows = [
-        [40, 41] + [ctx] * (3 * n) + [42, 43, 44, 45],
-        [40] + [ctx] * n + [46, 47] + [ctx] * n + [48, 49, 50],
-    ]
-    longest = max(map(len, rows))
-    ids = torch.full((2, longest), pad_id)
-    mask = torch.zeros(2, longest, dtype=torch.long)
-    for r, row in enumerate(rows):
-        ids[r, : len(row)] = torch.tensor(row)
-        mask[r, : len(row)] = 1
-    labels = torch.where((ids >= 42) & (mask == 1), ids, torch.full_like(ids, -100))
-    pixels = torch.randn(5, 3, 112, 112, generator=torch.Generator().manual_seed(4))
-    return ids, mask, labels, pixels, torch.tensor([3, 2])
 
 
 def test_same_logits_as_transformers_after_saving_ours(tiny_vlm, bpe_tokenizer, tmp_path):
