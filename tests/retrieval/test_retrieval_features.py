@@ -12,6 +12,7 @@ from PIL import Image
 import vitp
 from vitp.data.images import build_transform, load_image
 from vitp.errors import ConfigError, RetrievalError
+from vitp.cli import main
 from vitp.retrieval.extract import embed_files, extract_features, load_feature_model
 from vitp.retrieval.extract import embedder as embedder_module
 from vitp.retrieval.feature_file import load_features
@@ -127,7 +128,8 @@ def test_a_killed_run_resumes_to_an_identical_file(image_tree, vit_file, tmp_pat
     assert (tmp_path / "resumed.npz").read_bytes() == (tmp_path / "straight.npz").read_bytes()
 
 
-def test_interrupt_keeps_finished_batches_and_other_settings_are_refused(image_tree, vit_file, tmp_path, monkeypatch):
+def test_interrupt_keeps_finished_batches_and_other_settings_are_refused(image_tree, vit_file, tmp_path, monkeypatch,
+                                                                          capsys):
     real_embed, calls = embedder_module.embed_batch, [0]
 
     def interrupted(*args, **kwargs):
@@ -144,6 +146,10 @@ def test_interrupt_keeps_finished_batches_and_other_settings_are_refused(image_t
 
     with pytest.raises(RetrievalError, match="different settings:\n  pool: 'mean' before, 'cls' now"):
         extract_features(image_tree, tmp_path / "g.npz", vit_file, pool="cls", batch_size=3, **FAST)
+    # The command line names its way out in the same message.
+    assert main(["features", "--image_dir", str(image_tree), "--output", str(tmp_path / "g.npz"), "--vit_checkpoint",
+                 str(vit_file), "--pool", "cls", "--num_workers", "0", "--device", "cpu", "--no_progress"]) == 2
+    assert capsys.readouterr().err.strip().endswith("or restart the extraction to discard it with --restart")
     # A changed image is computed again, the others are reused.
     changed = sorted((image_tree / "disk").glob("*.png"))[0]
     Image.new("RGB", (30, 30), (255, 255, 0)).save(changed)

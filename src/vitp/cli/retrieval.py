@@ -114,7 +114,8 @@ def _run_features(args: argparse.Namespace) -> int:
     from vitp.model.vit_checkpoint import config_from_argument
     from vitp.retrieval.embedding_store import is_store_path
     from vitp.retrieval.extract import extract_features
-    from vitp.retrieval.extract.store import check_store_output, partial_directory
+    from vitp.errors import RetrievalError
+    from vitp.retrieval.extract.store import UnusablePartialRun, check_store_output, partial_directory
     from vitp.files import check_output_path
 
     output = Path(args.output)
@@ -132,6 +133,8 @@ def _run_features(args: argparse.Namespace) -> int:
             store_shard_size=args.store_shard_size,
             max_pixels=DEFAULT_MAX_PIXELS if args.max_pixels is None else args.max_pixels, restart=args.restart, progress_bar=_progress(args),
         )
+    except UnusablePartialRun as err:
+        raise RetrievalError(f"{err} with --restart") from err
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished batches are kept in {partial_directory(output)}; "
               f"run the same command again to continue", file=sys.stderr)

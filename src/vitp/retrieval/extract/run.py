@@ -10,7 +10,9 @@
 Resuming: a run that finds ``<output>.partial/`` keeps every image whose path, size and modification
 time match a shard, and computes only the rest. The batches are fixed slices of the sorted list and
 shards hold whole batches, so a resumed run - or a run with another number of ranks - feeds the ViT
-exactly the batches a single uninterrupted run would, and the output is identical.
+exactly the batches a single uninterrupted run would, and the output is identical. Every image of the
+list ends with a row or a reason of its own (unreadable, too large); an image with neither stops the run
+before any output is written (see ``store.finish_output``).
 """
 
 from __future__ import annotations

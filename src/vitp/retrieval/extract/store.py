@@ -6,7 +6,9 @@ While the run goes, each rank buffers what it finished and writes it, every ``sh
 skipped files with their reasons), written second, so a shard counts only once both exist. Each start
 of the command is a new ``run`` number: when an image was computed twice (it changed on disk between
 two runs), the later run's row wins. ``manifest.json`` holds the settings; a later run continues the
-partial run only with the same ones.
+partial run only with the same ones. ``owner.json`` names the process (rank 0) that is writing: a second
+extraction into the same output while it is alive is refused, since the first one to finish would
+assemble the output from the other's half-written shards and remove the folder under it.
 
 At the end the shards are read back, their features memory-mapped, and the output is assembled in
 the order of the sorted file list:
@@ -23,8 +25,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
+import socket
 import time
 import zipfile
 from collections import OrderedDict
@@ -49,6 +53,14 @@ RESUME_KEYS = ("model_fingerprint", "layer", "pool", "image_size", "dtype", "max
 PARTIAL_LAYOUT = 2
 _SHARD_NAME = re.compile(r"shard-s(\d+)-r(\d+)-(\d+)\.npz")
 _OPEN_SHARDS = 32
+OWNER_FILE = "owner.json"
+# How long a new run waits for the owner of a partial run to exit: the workers of a torchrun whose launcher
+# was killed receive SIGTERM (see world.py), save their last shard and exit within moments.
+OWNER_EXIT_SECONDS = 20.0
+
+
+class UnusablePartialRun(RetrievalError):
+    """The unfinished run in the output's partial directory cannot be continued with these settings."""
 
 
 def partial_directory(output: Path) -> Path:
@@ -210,10 +222,10 @@ def open_partial_run(output: Path, settings: dict[str, Any], restart: bool, worl
         try:
             _prepare_partial_directory(directory, settings, restart)
         except RetrievalError as err:
-            problem = str(err)
-    problem = world.gather(problem)[0]
-    if problem:
-        raise RetrievalError(problem)
+            problem = err
+    problem = world.gather(problem)[0]  # rank 0's error, of its own class, on every rank
+    if problem is not None:
+        raise problem
     if not (directory / "manifest.json").is_file():
         raise RetrievalError(
             f"{world.describe()} cannot see {directory / 'manifest.json'}, which rank 0 wrote: the output of a "
@@ -226,15 +238,16 @@ def open_partial_run(output: Path, settings: dict[str, Any], restart: bool, worl
 
 def _prepare_partial_directory(directory: Path, settings: dict[str, Any], restart: bool) -> None:
     manifest_path = directory / "manifest.json"
+    _wait_for_owner_to_exit(directory)
     previous = None
     if manifest_path.is_file() and not restart:
         try:
             previous = json.loads(manifest_path.read_text(encoding="utf-8"))
             previous_settings = previous["settings"]
         except (OSError, ValueError, KeyError, TypeError) as err:
-            raise RetrievalError(
-                f"{manifest_path}: unreadable ({err}); remove {directory} or restart the extraction (restart)"
-            ) from None
+            raise UnusablePartialRun(
+                f"{manifest_path}: unreadable ({err}); remove {directory} or restart the extraction to discard it"
+            ) from err
         if previous.get("layout") != PARTIAL_LAYOUT:
             logger.warning("%s was written by an older vitp; starting over", directory)
             previous = None
@@ -245,9 +258,9 @@ def _prepare_partial_directory(directory: Path, settings: dict[str, Any], restar
                 if previous_settings.get(key) != settings.get(key)
             ]
             if differences:
-                raise RetrievalError(
+                raise UnusablePartialRun(
                     f"{directory} holds a partial run made with different settings:\n  " + "\n  ".join(differences)
-                    + "\nRun with the same settings to continue it, or restart it to discard it."
+                    + "\nRun with the same settings to continue it, or restart the extraction to discard it"
                 )
     if previous is None and directory.exists():
         # Without a (current) manifest nothing says how its shards were made, so they cannot be trusted.
@@ -257,6 +270,58 @@ def _prepare_partial_directory(directory: Path, settings: dict[str, Any], restar
     if previous is None:
         directory.mkdir(parents=True, exist_ok=True)
         write_json({"layout": PARTIAL_LAYOUT, "settings": settings}, manifest_path)
+    write_json(_this_process(), directory / OWNER_FILE)
+
+
+def _this_process() -> dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": _process_start(os.getpid())}
+
+
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started (Linux: clock ticks since boot), so that a reused pid is not taken for
+    the process that wrote ``owner.json``; None where /proc does not tell."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the parenthesised command name
+
+
+def _is_alive(owner: dict[str, Any]) -> bool:
+    pid = owner.get("pid")
+    if not isinstance(pid, int) or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    started = owner.get("started")
+    return started is None or _process_start(pid) in (None, started)
+
+
+def _wait_for_owner_to_exit(directory: Path) -> None:
+    """Refuse to work in a partial directory that a live extraction on this machine is writing to; a run
+    on another machine cannot be checked from here, and its claim is taken over with a warning."""
+    try:
+        owner = json.loads((directory / OWNER_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if not isinstance(owner, dict):
+        return
+    if owner.get("host") != socket.gethostname():
+        logger.warning("%s was last written by an extraction on host %s, which cannot be checked from here; "
+                       "continuing it (make sure it is not still running)", directory, owner.get("host"))
+        return
+    deadline = time.monotonic() + OWNER_EXIT_SECONDS
+    while _is_alive(owner):
+        if time.monotonic() > deadline:
+            raise RetrievalError(
+                f"{directory}: another extraction (process {owner['pid']}) is still writing to this output; "
+                f"wait for it to finish or stop it, then run this command again"
+            )
+        time.sleep(0.2)
 
 
 def check_same_file_list(names: list[str], world: World) -> None:
@@ -297,8 +362,19 @@ def finish_output(
     """Assemble the output from every rank's shards (call on every rank once all have flushed)."""
     directory = partial_directory(output)
     done = read_progress(directory)
+    world.barrier()  # every rank has read the shards before rank 0 may write the output and delete them
+    missing = [name for name in names if name not in done.rows and name not in done.skipped]
+    if missing:
+        # Every rank wrote its share before this point, so a gap means the shards changed under this run
+        # (a shard damaged or removed from outside, or another extraction into the same output). Writing
+        # the output now would silently drop these images; a new run computes exactly the missing ones.
+        raise RetrievalError(
+            f"{directory}: {len(missing)} of the {len(names)} images have no result (first: {missing[0]}); their "
+            f"shards were changed or removed while this run was writing, so no output was written. Run the same "
+            f"command again to compute them (the other {len(names) - len(missing)} are kept)"
+        )
     kept = [name for name in names if name in done.rows]
-    skipped = [(name, done.skipped.get(name, "not processed (internal error)")) for name in names if name not in done.rows]
+    skipped = [(name, done.skipped[name]) for name in names if name not in done.rows]
     if not kept:
         raise RetrievalError(
             f"image_dir {settings['image_dir']}: none of the {len(names)} image files could be read; "
@@ -326,6 +402,9 @@ def _write_store(
     """Store shard ``j`` holds the kept images among files ``j * shard_size ...``: the same shards whatever
     the number of ranks. Each rank writes a contiguous run of them; rank 0 writes the manifest last."""
     building = partial_directory(output) / "store"
+    if world.is_main:  # a killed earlier attempt may have left shards of another store_shard_size here
+        shutil.rmtree(building, ignore_errors=True)
+    world.barrier()
     # The kept paths of each store shard, in file order (every rank computes the same list).
     shard_paths = [[name for name in names[start : start + shard_size] if name in done.rows]
                    for start in range(0, len(names), shard_size)]

@@ -4,11 +4,20 @@
 sets ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK``; the ranks then meet in a gloo process group (only
 barriers and a few small Python objects travel through it; features go through the shared output
 folder, which is why every node must see the same file system there).
+
+torchrun starts each worker in a session of its own, so a launcher killed with SIGKILL (``kill -9``, an
+out-of-memory kill) leaves its workers running, unseen, into an output that a restarted command is
+about to continue. A worker therefore asks the kernel for SIGTERM when its launcher dies (Linux), which
+the extraction treats like Ctrl-C: it saves its finished batches and stops.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
+import signal
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -53,6 +62,8 @@ class World:
 def launched_world() -> Iterator[World]:
     """The torchrun world this process belongs to (a process group is created if none exists), or a
     world of one process when it was not started by torchrun."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun, whatever the number of ranks
+        stop_with_launcher()
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         yield World()
@@ -67,3 +78,23 @@ def launched_world() -> Iterator[World]:
     finally:
         if created:
             dist.destroy_process_group()
+
+
+_PR_SET_PDEATHSIG = 1  # prctl option, <linux/prctl.h>
+
+
+def stop_with_launcher() -> bool:
+    """Have SIGTERM sent to this process when its parent (the torchrun launcher) exits, however it exits.
+    Linux only; elsewhere (and if the parent is already gone) nothing changes. Returns whether it was set."""
+    if not sys.platform.startswith("linux"):
+        return False
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != parent:  # the launcher died before the request was made: stop now
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
