@@ -394,3 +394,12 @@ def multi_image_batch(model, pad_id):
     size = model.vlm_config.vision.image_size
     pixels = torch.randn(5, 3, size, size, generator=torch.Generator().manual_seed(4))
     return ids, mask, labels, pixels, torch.tensor([3, 2])
+
+
+def plain_class_means(values, classes):
+    """class -> mean of ``values`` over its queries, one query at a time."""
+    sums, counts = {}, {}
+    for value, name in zip(values, classes):
+        sums[name] = sums.get(name, 0.0) + float(value)
+        counts[name] = counts.get(name, 0) + 1
+    return {name: sums[name] / counts[name] for name in sums}

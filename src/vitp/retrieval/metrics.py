@@ -25,10 +25,21 @@ _BYTES_PER_PAIR = 8
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 
 
+def class_ids(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The class names, sorted as text, and each label's id: its position among them.
+
+    The one place where class names become integer ids. A table indexed by these ids takes its names
+    from ``names[id]``; the ids themselves are never turned back into text and sorted again, because
+    text sorts differently from numbers ("10" before "2") and ids would land on other classes' names.
+    """
+    names, ids = np.unique(np.asarray(labels).astype(str), return_inverse=True)
+    return names, ids.reshape(-1)
+
+
 def encode_labels(query_labels: np.ndarray, gallery_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Class names and integer class ids of queries and gallery (one shared vocabulary)."""
-    classes, inverse = np.unique(np.concatenate([query_labels, gallery_labels]).astype(str), return_inverse=True)
-    return classes, inverse[: len(query_labels)], inverse[len(query_labels) :]
+    """Class names and integer class ids of queries and gallery (one shared vocabulary, :func:`class_ids`)."""
+    names, ids = class_ids(np.concatenate([np.asarray(query_labels).astype(str), np.asarray(gallery_labels).astype(str)]))
+    return names, ids[: len(query_labels)], ids[len(query_labels) :]
 
 
 def relevant_counts(

@@ -41,6 +41,7 @@ import numpy as np
 
 from vitp.errors import RetrievalError
 from vitp.files import read_json
+from vitp.retrieval.metrics import class_ids
 
 CONFIDENCE = 0.95
 # Elements (resample slots x metrics) gathered at a time: about 64 MB of float64.
@@ -159,10 +160,21 @@ class Bootstrap:
 
 
 def class_means(values: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Class names (sorted) and the mean of ``values`` within each."""
-    names, class_ids = np.unique(np.asarray(classes).astype(str), return_inverse=True)
-    counts = np.bincount(class_ids, minlength=len(names))
-    return names, np.bincount(class_ids, weights=values, minlength=len(names)) / counts
+    """Class names (sorted as text) and the mean of ``values`` within each; ``classes`` holds each
+    value's class name."""
+    classes = np.asarray(classes)
+    if classes.dtype.kind in "biuf":
+        # Numbers read as names would be sorted as text ("10" before "2"), so class ids would come
+        # back in another order than the names they stand for.
+        raise ValueError(f"classes must be class names (strings), got {classes.dtype} values")
+    names, ids = class_ids(classes)
+    return names, _means_by_id(np.asarray(values, dtype=np.float64), ids, len(names))
+
+
+def _means_by_id(values: np.ndarray, ids: np.ndarray, num_classes: int) -> np.ndarray:
+    """The mean of ``values`` within each class id 0 .. num_classes - 1 (every id present)."""
+    counts = np.bincount(ids, minlength=num_classes)
+    return np.bincount(ids, weights=values, minlength=num_classes) / counts
 
 
 def class_balanced_mean(values: np.ndarray, classes: np.ndarray) -> float:
@@ -195,17 +207,17 @@ def bootstrap(
         raise ValueError("results has no queries to resample")
     names = list(results.metrics)
     values = np.stack([results.metrics[name] for name in names], axis=1)  # [n, metrics]
-    class_names, class_ids = np.unique(results.classes, return_inverse=True)
-    by_class = np.argsort(class_ids, kind="stable")
-    class_starts = np.searchsorted(class_ids[by_class], np.arange(len(class_names)))
-    class_sizes = np.bincount(class_ids, minlength=len(class_names))
+    class_names, class_of = class_ids(results.classes)  # per_class[:, i] below is class_names[i]
+    by_class = np.argsort(class_of, kind="stable")
+    class_starts = np.searchsorted(class_of[by_class], np.arange(len(class_names)))
+    class_sizes = np.bincount(class_of, minlength=len(class_names))
     chunk = max(1, _CHUNK_ELEMENTS // (len(results) * len(names)))
     micro_rng, macro_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
 
     micro = np.concatenate([values[rows].mean(axis=1) for rows in resample_indices(
         np.zeros(len(results)), resamples, micro_rng, chunk)])  # [resamples, metrics]
     per_class = []
-    for rows in resample_indices(class_ids, resamples, macro_rng, chunk):
+    for rows in resample_indices(class_of, resamples, macro_rng, chunk):
         # Slots of class c hold members of class c (stratified): sum them per class.
         sums = np.add.reduceat(values[rows][:, by_class], class_starts, axis=1)  # [rows, classes, metrics]
         per_class.append(sums / class_sizes[None, :, None])
@@ -213,7 +225,8 @@ def bootstrap(
     balanced = per_class.mean(axis=1)
 
     tails = [(1 - confidence) / 2, 1 - (1 - confidence) / 2]
-    observed_class = np.stack([class_means(values[:, m], class_ids)[1] for m in range(len(names))], axis=1)
+    # The observed per-class values use the same ids as the resamples, so row i is class_names[i] in both.
+    observed_class = np.stack([_means_by_id(values[:, m], class_of, len(class_names)) for m in range(len(names))], axis=1)
 
     def interval(point: float, samples: np.ndarray) -> Interval:
         low, high = np.quantile(samples, tails)
