@@ -127,3 +127,12 @@ def test_data_check_reads_the_training_defaults():
 
     data_args, _ = check_parser().parse_args_into_dataclasses([], look_for_args_file=False)
     assert dataclasses.asdict(data_args) == dataclasses.asdict(DataTrainingArguments())
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="for machines without a CUDA GPU")
+def test_torchrun_processes_on_cpus_train_data_parallel(monkeypatch):
+    """Without use_cpu accelerate would run each torchrun process as a run of its own (each on all the data)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr("transformers.TrainingArguments._setup_devices", None)  # not set up: no process group here
+    _, _, args = parse_pretrain_arguments(BASE)
+    assert args.use_cpu and args.ddp_backend == "gloo" and args.loss_normalization == "step"

@@ -166,6 +166,7 @@ def test_config_file_values_are_typed_like_the_flags(tmp_path):
     (["--per_device_train_batch_size", "0"], "per_device_train_batch_size must be at least 1"),
     (["--TMAug_prob", "1.5"], "must be in [0, 1]"),
     (["--tmaug_mode", "bogus"], "invalid choice: 'bogus'"),
+    (["--loss_normalization", "mean"], "--loss_normalization/--loss-normalization: invalid choice: 'mean'"),
     (["--lr_scheduler_type", "bogus"], "--lr_scheduler_type/--lr-scheduler-type: invalid choice: 'bogus'"),
     (["--min_dynamic_patch", "3", "--max_dynamic_patch", "2"], "max_dynamic_patch 2 is below min_dynamic_patch 3"),
     (["--freeze_llm", "--freeze_backbone", "--freeze_mlp"], "leave nothing to train"),

@@ -5,6 +5,9 @@ InternVL2-1B and InternVL2.5-1B, full and LoRA). The test reads the flags that f
 ``internvl/train/internvl_chat_finetune.py`` and changes only paths, sizes and what a CPU cannot do
 (bf16, DeepSpeed); the run must finish and its checkpoints must load in transformers.
 
+ViTP's remote-sensing script runs a second time with the one flag the README adds to reproduce
+upstream's loss rule exactly (``--loss_normalization micro_batch``).
+
 The 2B scripts run on a tiny InternLM2 checkpoint in InternLM2's remote-code layout, with its
 sentencepiece tokenizer (``use_fast_tokenizer False``, ``internlm2-chat`` or ``internvl2_5`` template).
 """
@@ -23,6 +26,7 @@ from vitp.model.checkpoint import load_vlm
 SCRIPTS = Path(__file__).parent / "upstream_scripts"
 CASES = [
     ("InternVL_1b_remote_sensing_ViTP.sh", "tiny_qwen2_checkpoint"),
+    ("InternVL_1b_remote_sensing_ViTP.sh --loss_normalization micro_batch", "tiny_qwen2_checkpoint"),  # flags added
     ("InternVL_1b_general_ViTP.sh", "tiny_qwen2_checkpoint"),
     ("InternVL_1b_medical_ViTP.sh", "tiny_qwen2_checkpoint"),
     ("internvl2_1b_qwen2_0_5b_dynamic_res_2nd_finetune_full.sh", "tiny_qwen2_checkpoint"),
@@ -67,9 +71,10 @@ def changed_only(flags: list[str], changes: dict[str, str | None]) -> list[str]:
 @pytest.mark.parametrize("script, checkpoint_fixture", CASES)
 def test_upstream_launch_script_runs_unchanged(request, script, checkpoint_fixture, small_meta, tmp_path, capsys):
     checkpoint = request.getfixturevalue(checkpoint_fixture)
+    script, *added = script.split()
     flags = script_flags(script)
     paths = {"--model_name_or_path": str(checkpoint), "--meta_path": str(small_meta), "--output_dir": str(tmp_path / "out")}
-    arguments = changed_only(flags, {**paths, **SIZES, **CPU})
+    arguments = changed_only(flags, {**paths, **SIZES, **CPU}) + added
     assert main(["pretrain", *arguments]) == 0, capsys.readouterr().err[-3000:]
     output = tmp_path / "out"
     saved = sorted(output.glob("checkpoint-*"))

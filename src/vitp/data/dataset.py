@@ -295,7 +295,8 @@ class Collator:
     Returns ``input_ids``/``labels``/``attention_mask``/``loss_weight`` (batch, longest),
     ``pixel_values`` (tiles, 3, H, W), ``num_tiles`` (batch,), ``classify`` ((row, ClassifyTarget) of
     the choice questions), plus ``dropped``: (file:line, kind, reason) of lines skipped while building
-    the batch.
+    the batch. ``loss_weight`` is 1 on every supervised token with ``loss_reduction`` 'token' (upstream's
+    token mean of padded batches), else each sample's weight (see :func:`sample_loss_weight`).
     """
 
     def __init__(self, pad_token_id: int, loss_reduction: str = "token"):

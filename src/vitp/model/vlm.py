@@ -209,9 +209,10 @@ class VisionLanguageModel(nn.Module):
         at 0 for every sample; tokens attend only within their own sample.
 
         The loss is the sum over supervised tokens of ``loss_weight`` x cross-entropy (weight 1 when
-        not given), divided by ``num_items_in_batch`` (the weights of the whole optimizer step; of this
-        batch if None), plus the choice loss of ``classify`` ((row, target) of each choice question)
-        divided by ``num_samples_in_batch`` (the samples of the step; of this batch if None)."""
+        not given), divided by ``num_items_in_batch`` (the trainer's normaliser, e.g. the weights of the
+        whole optimizer step; this batch's own weights if None: upstream's per-micro-batch mean), plus the
+        choice loss of ``classify`` ((row, target) of each choice question) divided by
+        ``num_samples_in_batch`` (the samples of the step; of this batch if None)."""
         embeds = self.embed_inputs(input_ids, pixel_values, num_tiles, image_flags)
         image_mask = input_ids == self.vlm_config.image_token_id
         packed = segment_ids is not None
@@ -375,9 +376,9 @@ def answer_loss(
     The LM head runs on those positions alone: answers are a small part of a sequence full of image
     tokens, and a full (batch, length, vocabulary) logit tensor is the largest allocation of a step.
     ``loss_weight`` (B, L) weighs each label (upstream's packed loss reduction: 1, 1/n or 1/sqrt(n) for
-    a sample with n supervised tokens). With ``num_items_in_batch`` (the summed weights of all
-    micro-batches of an optimizer step) the sum is divided by it, so that gradient accumulation
-    weighs every token as one large batch would."""
+    a sample with n supervised tokens). The sum is divided by ``num_items_in_batch`` when given (the
+    summed weights of all micro-batches of an optimizer step, say, so that gradient accumulation weighs
+    every token as one large batch would), else by this batch's own weights (a weighted mean)."""
     targets = labels[:, 1:]
     selected = targets != IGNORE_INDEX
     count = int(selected.sum())

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import transformers
 
 from vitp.data.templates import TEMPLATES
@@ -133,10 +135,15 @@ class DataTrainingArguments:
     replacement: bool = field(default=False, metadata=_help("restart a dataset (reshuffled) when it runs out, instead of leaving the draw"))
     allow_overflow: bool = field(default=False, metadata=_help("not supported: vitp never cuts a sample across packed sequences"))
     loss_reduction: Literal["token", "sample", "square"] = field(default="token", metadata=_help(
-        "weigh each sample's tokens 1, 1/n or 1/sqrt(n) (n: its supervised tokens)"))
+        "weigh each sample's tokens 1, 1/n or 1/sqrt(n) (n: its supervised tokens) in packed batches; padded "
+        "batches take their token mean, as upstream (see loss_reduction_padded)"))
     loss_reduction_all_gather: bool = field(default=False, metadata=_help(
-        "normalise the loss by the weights of all ranks (transformers 5 does by default: average_tokens_across_devices)"))
+        "normalise the loss by the weights of all ranks: each micro-batch's, averaged over the ranks, under "
+        "loss_normalization micro_batch (upstream; packed batches); the step's under step (transformers 5's "
+        "average_tokens_across_devices, on by default)"))
     # vitp's own
+    loss_reduction_padded: bool = field(default=False, metadata=_help(
+        "apply loss_reduction and loss_reduction_all_gather to padded batches too (upstream: packed batches only)"))
     system_message: str | None = field(default=None, metadata=_help("system prompt for lines without a system turn (default: the template's)"))
     tmaug_prob: float = field(default=0.0, metadata=_help("explicit TMAug: probability that a sample is augmented"))
     tmaug_ratio: float = field(default=0.0, metadata=_help("explicit TMAug: fraction of its image tokens affected"))
@@ -165,6 +172,11 @@ class DataTrainingArguments:
         self.tmaug()  # validated now, not after the model is built
         if self.tmaug_mode not in MODES:
             raise ConfigError(f"tmaug_mode must be one of {MODES}")
+
+    def weighs_samples(self) -> bool:
+        """Whether the batches carry loss_reduction's per-sample weights (and loss_reduction_all_gather
+        applies): upstream weighs packed batches only and takes a plain token mean of padded ones."""
+        return self.use_packed_ds or self.loss_reduction_padded
 
     def tmaug(self) -> TMAugConfig:
         try:
@@ -237,10 +249,16 @@ class TrainingArguments(transformers.TrainingArguments):
     include_tokens_per_second: bool = field(default=False, metadata=_help(NO_EFFECT["include_tokens_per_second"]))
     mp_parameters: str = field(default="", metadata=_help(NO_EFFECT["mp_parameters"]))
     ray_scope: str = field(default="last", metadata=_help(NO_EFFECT["ray_scope"]))
+    # vitp's own
+    loss_normalization: Literal["step", "micro_batch"] = field(default="step", metadata=_help(
+        "step: divide the loss by the supervised tokens (loss weights) of the whole optimizer step, over all ranks "
+        "(transformers 5's rule: every token weighs the same); micro_batch: each micro-batch's own mean, divided by "
+        "the accumulation steps (upstream's rule under transformers 4.37: every micro-batch weighs the same)"))
 
     def __post_init__(self) -> None:
         self._refuse_unsupported()
         self._map_legacy_fields()
+        self._torchrun_on_cpus()
         try:
             super().__post_init__()
         except (ValueError, OSError) as err:  # transformers' own checks: the message names the field
@@ -284,6 +302,15 @@ class TrainingArguments(transformers.TrainingArguments):
         for name, (wrong, reason) in refused.items():
             if wrong:
                 raise ConfigError(f"{name}: {reason}")
+
+    def _torchrun_on_cpus(self) -> None:
+        """Processes of a torchrun launch without a CUDA GPU (tests, laptops) train data parallel over gloo.
+        Set before transformers sets up the device: accelerate treats them as one distributed run only
+        when told that they run on CPUs; otherwise each process trains alone, on the whole data set."""
+        launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if launched and not torch.cuda.is_available() and not (self.deepspeed or self.fsdp):  # those are refused later
+            self.use_cpu = True
+            self.ddp_backend = self.ddp_backend or "gloo"
 
     def _map_legacy_fields(self) -> None:
         """transformers 4.37's fields onto their transformers 5 successors (as 4.37 itself mapped most)."""
@@ -368,7 +395,11 @@ def validate_combination(data_args: DataTrainingArguments, training_args: Traini
                           "(upstream's padded path ignores use_data_resampling)")
     if training_args.train_sampling_strategy == "batch_rebalance":
         raise ConfigError("train_sampling_strategy batch_rebalance is not supported; use group_by_length")
+    notes = []
     if data_args.use_packed_ds and training_args.train_sampling_strategy != "random":
-        return [f"train_sampling_strategy {training_args.train_sampling_strategy} has no effect with use_packed_ds: "
-                "packing chooses the order (upstream ignores group_by_length for packed data too)"]
-    return []
+        notes.append(f"train_sampling_strategy {training_args.train_sampling_strategy} has no effect with use_packed_ds: "
+                     "packing chooses the order (upstream ignores group_by_length for packed data too)")
+    if data_args.loss_reduction != "token" and not data_args.weighs_samples():
+        notes.append(f"loss_reduction {data_args.loss_reduction} has no effect on padded batches: their loss is the "
+                     "token mean, as upstream's (loss_reduction_padded True weighs them too)")
+    return notes

@@ -7,8 +7,9 @@ a transformers-native InternVL directory and draw the loss curve.
 
 What the Trainer does not do, ``VitpTrainer`` adds: checkpoints written as transformers InternVL
 directories (adapters merged; read back strictly on resume), upstream's samplers and packing, the
-loss normalised over the weights of a whole optimizer step, and logs of tokens/s, TMAug statistics and
-the samples the data checks dropped (each bad line reported once).
+loss normalised over the weights of a whole optimizer step or, as upstream, of each micro-batch
+(``loss_normalization``), and logs of tokens/s, TMAug statistics and the samples the data checks
+dropped (each bad line reported once).
 """
 
 from __future__ import annotations
@@ -93,15 +94,17 @@ def pretrain(model_args: ModelArguments, data_args: DataTrainingArguments, train
     validate_data_settings(settings, model.vlm_config.vision.patch_size, specs)
     dataset = InstructionDataset(specs, tokenizer, settings, train=True, replace_bad=not data_args.use_packed_ds)
     require_samples_per_epoch(specs, [len(index) for index in dataset.indexes])
+    # upstream weighs the samples of packed batches only; padded ones take a plain token mean
+    loss_reduction = data_args.loss_reduction if data_args.weighs_samples() else "token"
     if data_args.use_packed_ds:
         use_packed_attention(model)
         strict = data_args.strict_mode
-        collator = PackedCollator(tokenizer.pad_token_id, data_args.loss_reduction,
+        collator = PackedCollator(tokenizer.pad_token_id, loss_reduction,
                                   strict_tokens=data_args.max_packed_tokens if strict else None,
                                   strict_tiles=data_args.num_images_expected if strict else None,
                                   tile_size=settings.force_image_size)
     else:
-        collator = Collator(tokenizer.pad_token_id, data_args.loss_reduction)
+        collator = Collator(tokenizer.pad_token_id, loss_reduction)
         warn_if_batch_exceeds_data(len(dataset), training_args)
 
     prepare_output_dir(training_args)
@@ -144,8 +147,6 @@ def check_parallelism(args: TrainingArguments) -> None:
                           "`torchrun --nproc_per_node N -m vitp.cli pretrain ...` (or set CUDA_VISIBLE_DEVICES)")
     if not cuda:  # pinned memory needs an accelerator; asking for it on CPUs prints a warning every epoch
         args.dataloader_pin_memory = False
-    if distributed and not cuda and args.ddp_backend is None:
-        args.ddp_backend = "gloo"  # torchrun on CPUs (tests, laptops); set before the Trainer reads the device
     # transformers 5 reads the TensorBoard folder from the environment; set it for every run (not
     # setdefault), or a second run in the same process would write into the first one's folder.
     os.environ["TENSORBOARD_LOGGING_DIR"] = args.logging_dir or str(Path(args.output_dir) / "runs")
@@ -339,6 +340,9 @@ class VitpTrainer(Trainer):
         self.data_args = data_args
         self.label_smoother = None  # the model applies label_smoothing_factor to the answer tokens itself
         self._samples_in_step: int | torch.Tensor | None = None
+        # step: the loss is already divided by the whole step's weights; micro_batch: the Trainer divides each
+        # micro-batch's mean by the accumulation steps (see _get_num_items_in_batch)
+        self.loss_is_scaled_for_ga = self.args.loss_normalization == "step"
         self._window = dict.fromkeys(WINDOW_KEYS, 0)
         self._window_start = time.perf_counter()
         self._dropped_total = 0
@@ -381,16 +385,46 @@ class VitpTrainer(Trainer):
         return data_collator  # vitp's batches carry only what the model and the trainer use
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
-        """The summed loss weights of an optimizer step's micro-batches (its supervised tokens for
-        loss_reduction token); also counts its samples, by which the choice loss is divided."""
-        weights = sum(batch["loss_weight"][:, 1:].sum() for batch in batch_samples)
+        """What the loss of each micro-batch of an optimizer step is divided by (``loss_normalization``).
+
+        ``step``: the summed loss weights of all the step's micro-batches (its supervised tokens for
+        loss_reduction token), summed over the ranks with average_tokens_across_devices; the choice loss is
+        divided by the step's samples. Returned, so that the Trainer divides by nothing else.
+
+        ``micro_batch``, upstream's rule. ViTP's ``internvl/model/internvl_chat/modeling_internvl_chat.py``
+        (``InternVLChatModel.forward``) computes the loss of a micro-batch as
+
+        * padded batches: the mean cross-entropy over its supervised tokens (``CrossEntropyLoss()``), plus the
+          choice loss of its one sample (use_classifier);
+        * packed batches: ``sum(w * ce) / sum(w)``, ``w`` being ``len2weight`` of each token's sample
+          (``internvl/train/internvl_chat_finetune.py``: 1, 1/n or 1/sqrt(n)); with loss_reduction_all_gather,
+          ``sum(w)`` is first averaged over the ranks (``dist.all_reduce(..., op=ReduceOp.AVG)``).
+
+        transformers 4.37's ``Trainer.training_step`` hands that loss to accelerate's ``backward``, which divides
+        it by ``gradient_accumulation_steps`` (DeepSpeed's engine does the same), and DDP (or ZeRO) averages the
+        gradients over the ranks: a step's gradient is the mean over ranks of the sum over micro-batches of
+        ``grad(loss) / gradient_accumulation_steps``, and the logged loss that mean of the losses. Here this
+        returns None: the model divides each micro-batch by its own weights and the Trainer divides by the
+        accumulation steps; with loss_reduction_all_gather (where the batches weigh samples, as upstream's
+        packed ones) each micro-batch gets its rank-averaged weights as ``num_items_in_batch``.
+        """
+        weights = torch.stack([batch["loss_weight"][:, 1:].sum() for batch in batch_samples]).to(device)
+        distributed = self.args.world_size > 1
+        if self.args.loss_normalization == "micro_batch":
+            self._samples_in_step = None  # the choice loss is divided by each micro-batch's own samples
+            if self.data_args.loss_reduction_all_gather and self.data_args.weighs_samples() and distributed:
+                averaged = self.accelerator.reduce(weights, reduction="mean")
+                for batch, total in zip(batch_samples, averaged):
+                    batch["num_items_in_batch"] = total
+            return None
+        weights = weights.sum()
         samples = torch.tensor(sum(count_samples(b["attention_mask"], b.get("segment_ids")) for b in batch_samples),
-                               dtype=torch.float32)
-        if self.args.average_tokens_across_devices and self.args.world_size > 1:
-            weights = self.accelerator.gather(weights.to(device)).sum()
-            samples = self.accelerator.gather(samples.to(device)).sum()
-        self._samples_in_step = samples.to(device)
-        return weights.to(device)
+                               dtype=torch.float32, device=device)
+        if self.args.average_tokens_across_devices and distributed:
+            weights = self.accelerator.gather(weights).sum()
+            samples = self.accelerator.gather(samples).sum()
+        self._samples_in_step = samples
+        return weights
 
     # ----------------------------------------------------------------------------------------------
     # Loss and logs
