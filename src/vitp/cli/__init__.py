@@ -9,10 +9,10 @@ import os
 import sys
 from typing import Sequence
 
-from vitp.cli import data, demo, retrieval, serve, train, vit
+from vitp.cli import data, demo, finetune, retrieval, serve, train, vit
 from vitp.errors import VitpError
 
-STAGES = (vit, data, train, retrieval, serve, demo)
+STAGES = (vit, data, train, retrieval, finetune, serve, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

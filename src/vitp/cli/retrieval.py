@@ -487,6 +487,15 @@ def _top_k_within_gallery(top_k: list[int], gallery_size: int, leave_one_out: bo
     return kept
 
 
+def _is_dense_evaluation(path: Path) -> bool:
+    """A segmentation or change-detection evaluation (``vitp finetune``), told by its 'task' key."""
+    from vitp.errors import RetrievalError
+    from vitp.files import read_json
+
+    data = read_json(path, RetrievalError)
+    return isinstance(data, dict) and data.get("task") in ("segmentation", "change_detection")
+
+
 def _run_compare(args: argparse.Namespace) -> int:
     """`vitp evaluate --compare A.json B.json`: paired-bootstrap differences of two evaluations."""
     from vitp.errors import RetrievalError
@@ -501,8 +510,14 @@ def _run_compare(args: argparse.Namespace) -> int:
         check_output_path(args.output)
     path_a, path_b = (Path(p) for p in args.compare)
     name_a, name_b = (path_a.stem, path_b.stem) if path_a.stem != path_b.stem else (str(path_a), str(path_b))
-    comparison = compare(load_query_results(path_a), load_query_results(path_b), args.bootstrap or COMPARE_RESAMPLES,
-                         args.seed, name_a, name_b)
+    if _is_dense_evaluation(path_a) or _is_dense_evaluation(path_b):  # two `vitp finetune` evaluations
+        from vitp.downstream.metrics import load_evaluation, paired_comparison
+
+        comparison = paired_comparison(load_evaluation(path_a), load_evaluation(path_b),
+                                       args.bootstrap or COMPARE_RESAMPLES, args.seed, name_a, name_b)
+    else:
+        comparison = compare(load_query_results(path_a), load_query_results(path_b), args.bootstrap or COMPARE_RESAMPLES,
+                             args.seed, name_a, name_b)
     print("\n".join(comparison.lines()))
     if args.output:
         write_json(comparison.to_dict(), Path(args.output))
