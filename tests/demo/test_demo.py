@@ -30,14 +30,50 @@ def table_row(text: str, title: str, values: int = 4) -> list[tuple[float, float
 @pytest.mark.slow
 def test_quick_demo_writes_a_consistent_report(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a relative --out, as `make demo` gives it
-    assert main(["demo", "--out", "demo", "--quick"]) == 0
+    assert main(["demo", "--out", "demo", "--quick", "--tasks", "pixels"]) == 0
     out = tmp_path / "demo"
     printed = capsys.readouterr().out
     assert "report: demo/report.md" in printed or f"report: {out / 'report.md'}" in printed
-    check_report(out, printed)
+    check_report(out, printed, "vitp demo --quick --tasks retrieval,pixels")
+    check_pixel_task(out, printed)
 
 
-def check_report(out, printed):
+PIXEL_TITLES = {"vitp": "ViTP (pretrained ViT)", "random": "same ViT, random init", "rgb": "per-pixel RGB MLP"}
+
+
+def check_pixel_task(out, printed):
+    """The pixel task's report rows are its evaluations' numbers, and its verdicts their paired intervals."""
+    from vitp.downstream.metrics import load_evaluation, paired_comparison
+
+    report = (out / "report.md").read_text()
+    assert "## Pixel task: land-cover segmentation" in report
+    report = report.split("## Pixel task: land-cover segmentation")[1]  # the retrieval tables share the titles
+    files = {"vitp": out / "pixels" / "vitp" / "evaluation" / "evaluation.json",
+             "random": out / "pixels" / "random" / "evaluation" / "evaluation.json",
+             "rgb": out / "pixels" / "rgb" / "evaluation.json"}
+    evaluations = {m: load_evaluation(path) for m, path in files.items()}
+    for method, evaluation in evaluations.items():
+        intervals = evaluation.add_intervals(1000, 0)
+        row = re.search(rf"^\| {re.escape(PIXEL_TITLES[method])} \| (.*) \|$", report, re.M)
+        assert row, method
+        cells = [re.fullmatch(r"([\d.]+) \[([\d.]+), ([\d.]+)\]", c.strip()) for c in row.group(1).split("|")[:3]]
+        for cell, metric in zip(cells, ("mIoU", "aAcc", "mAcc")):
+            value, low, high = (float(v) / 100 for v in cell.groups())
+            i = intervals.metrics[metric]
+            assert (value, low, high) == pytest.approx((evaluation.metrics[metric], i.low, i.high), abs=5e-5)
+    for baseline in ("random", "rgb"):
+        difference = paired_comparison(evaluations["vitp"], evaluations[baseline], 1000, 0).differences["mIoU"]
+        word = {AHEAD: "ViTP (pretrained ViT) ahead on", NO_DIFFERENCE: "no measurable difference on",
+                BEHIND: "ViTP (pretrained ViT) behind on"}[difference.verdict]
+        sentence = re.search(rf"Against the {re.escape(PIXEL_TITLES[baseline])}: (.*)\.", report)
+        assert sentence, baseline
+        mIoU_part = next(part for part in sentence.group(1).split("; ") if re.search(r"\bmIoU\b", part))
+        assert mIoU_part.startswith(word), (baseline, mIoU_part)
+    assert (out / "figures" / "pixels_vitp.png").is_file()
+    assert (out / "pixels" / "vitp" / "loss.png").is_file() and (out / "pixels" / "data" / "scene_labels.png").is_file()
+
+
+def check_report(out, printed, command="vitp demo --quick"):
     """The artefacts, the numbers and the verdict of a finished quick demo in ``out``."""
     for artefact in ("report.md", "report.html", "summary.json", "figures/samples.png", "figures/split.png",
                      "figures/loss.png", "figures/metrics.png", "figures/examples_vitp.png",
@@ -98,7 +134,7 @@ def check_report(out, printed):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["seed"] == 0 and summary["machine"]["torch"] in report and summary["machine"]["cpu"] in report
     assert "Machine: " in report and f"{summary['machine']['cpus_available']} of" in report
-    assert "Reproduce: `vitp demo --quick`" in report
+    assert f"Reproduce: `{command}`" in report
 
 
 @pytest.mark.slow

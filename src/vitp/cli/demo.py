@@ -32,6 +32,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                            "--TMAug_prob 0.5/0.75/0.9; droppath = DropPath 0 and 0.1 (3 or 1 more pretrainings per seed)")
     demo.add_argument("--eval_every", type=positive_int, metavar="N",
                       help="also evaluate retrieval with the ViT of every N-th step's checkpoint (mAP against steps)")
+    demo.add_argument("--tasks", type=_tasks, default=("retrieval",), metavar="retrieval,pixels",
+                      help="pixels (or retrieval,pixels) adds the transfer task: the ViT fine-tuned for land-cover segmentation of the scene "
+                           "against the random-init ViT and a per-pixel RGB classifier (about 5 more minutes; "
+                           "default: retrieval)")
     demo.add_argument("--retrain", action="store_true",
                       help="pretrain again even where a finished pretraining of the same settings exists")
     demo.set_defaults(handler=_run_demo)
@@ -48,7 +52,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     if args.eval_every is not None and args.eval_every > settings.max_steps:
         raise ConfigError(f"--eval_every {args.eval_every} is more than the {settings.max_steps} pretraining steps")
     run_demo(args.out, quick=args.quick, settings=settings, seeds=args.seeds, ablation=args.ablation,
-             eval_every=args.eval_every, retrain=args.retrain, command=_command(args))
+             eval_every=args.eval_every, retrain=args.retrain, command=_command(args), tasks=args.tasks)
     return 0
 
 
@@ -57,9 +61,19 @@ def _command(args: argparse.Namespace) -> str:
     parts = ["vitp demo"]
     for flag, value in (("--quick", args.quick), ("--steps", args.steps), ("--seed", args.seed),
                         ("--seeds", args.seeds if args.seeds > 1 else None), ("--ablation", args.ablation),
-                        ("--eval_every", args.eval_every)):
+                        ("--eval_every", args.eval_every),
+                        ("--tasks", ",".join(args.tasks) if args.tasks != ("retrieval",) else None)):
         if value is True:
             parts.append(flag)
         elif value:
             parts.append(f"{flag} {value}")
     return " ".join(parts)
+
+
+def _tasks(text: str) -> tuple[str, ...]:
+    tasks = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    unknown = [t for t in tasks if t not in ("retrieval", "pixels")]
+    if unknown or not tasks:
+        raise argparse.ArgumentTypeError(f"expected retrieval, pixels or retrieval,pixels, got {text!r}")
+    # the pixel task fine-tunes the pretrained ViT, whose retrieval is evaluated anyway
+    return ("retrieval", *(t for t in tasks if t != "retrieval"))

@@ -165,6 +165,7 @@ class DemoResults:
     steps: list[StepResult]
     seconds: float
     command: str = "vitp demo"
+    pixels: Any = None  # vitp.demo.pixel_task.PixelResults with --tasks retrieval,pixels
 
     def method(self, name: str) -> MethodResult:
         return next(m for m in self.methods if m.method == name)
@@ -210,6 +211,7 @@ class DemoResults:
             },
             "steps": [{"step": s.step, "vitp": method_dict(s.vitp), "versus_histogram": s.versus_histogram.to_dict(),
                        "versus_random": s.versus_random.to_dict()} for s in self.steps],
+            "pixels": self.pixels.to_dict() if self.pixels is not None else None,
         }
 
 

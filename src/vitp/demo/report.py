@@ -366,6 +366,11 @@ def write_report(out: Path, results: DemoResults) -> Path:
         blocks.append(("table", (["class", "queries", "Top-1", "Top-3", "Top-5", "mAP [95 % interval]"],
                                  class_rows(method))))
     blocks += seeds_blocks(results) + steps_blocks(results, figures) + ablation_blocks(results, figures)
+    if results.pixels is not None:
+        blocks += results.pixels.blocks()
+        if (out / "pixels" / "vitp" / "evaluation" / "overlays.png").is_file():
+            shutil.copy(out / "pixels" / "vitp" / "evaluation" / "overlays.png", figures / "pixels_vitp.png")
+            blocks.append(("img", ("figures/pixels_vitp.png", "ViTP fine-tuned: val crops, their labels and predictions")))
     blocks += [
         ("h2", "Examples"),
         ("img", ("figures/examples_vitp.png", "ViTP: queries and their top-5 (green: same class)")),
@@ -446,6 +451,8 @@ def console_lines(results: DemoResults) -> list[str]:
     if results.ablation:
         lines += ["", f"ablation {results.ablation}: " + " | ".join(ablation_header(results))]
         lines += [" | ".join(row) for row in ablation_rows(results)]
+    if results.pixels is not None:
+        lines += [""] + results.pixels.console_lines()
     return lines
 
 

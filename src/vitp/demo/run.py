@@ -11,7 +11,9 @@
 
 Opt-in, on the same data: ``seeds`` > 1 pretrains again with further seeds (mean ± std of every
 metric), ``ablation`` pretrains variants with one setting changed (:mod:`vitp.demo.ablation`),
-``eval_every`` evaluates the ViT of intermediate checkpoints (retrieval against training steps).
+``eval_every`` evaluates the ViT of intermediate checkpoints (retrieval against training steps),
+``tasks`` ("retrieval", "pixels") adds the pixel task: the ViT fine-tuned for land-cover segmentation
+(:mod:`vitp.demo.pixel_task`).
 A finished pretraining is reused when the demo runs again with the same settings and seed.
 """
 
@@ -40,6 +42,7 @@ from vitp.demo.evidence import (
     compare_methods,
     machine_info,
 )
+from vitp.demo.pixel_task import QUICK_PIXELS, PixelSettings, run_pixel_task
 from vitp.demo.report import console_lines, write_report
 from vitp.demo.scene import balance, load_sentinel2, split_tiles, write_tiles
 from vitp.demo.settings import DEFAULT, QUICK, DemoSettings
@@ -53,6 +56,7 @@ from vitp.train.export import export_vit
 from vitp.train.pretrain import pretrain
 
 SYSTEM_MESSAGE = "Answer briefly."  # short: the tiny model reads it in front of every sample
+TASKS = ("retrieval", "pixels")
 TITLES = {"vitp": "ViTP (pretrained ViT)", "random": "same ViT, random init", "histogram": "RGB colour histogram"}
 
 
@@ -118,6 +122,7 @@ def run_demo(
     eval_every: int | None = None,
     retrain: bool = False,
     command: str = "vitp demo",
+    tasks: tuple[str, ...] = ("retrieval",),
 ) -> dict:
     """The demo (see the module docstring); returns the report's path, the time and the numbers.
     ``command`` is the command line the report gives for repeating it."""
@@ -127,6 +132,9 @@ def run_demo(
     if eval_every is not None and not 1 <= eval_every <= settings.max_steps:
         raise ValueError(f"eval_every must be between 1 and max_steps ({settings.max_steps}), got {eval_every}")
     variants = ablations.variants(ablation) if ablation else []  # refuses an unknown ablation before any work
+    unknown = set(tasks) - set(TASKS)
+    if unknown or "retrieval" not in tasks:
+        raise ValueError(f"tasks must hold 'retrieval' and may add 'pixels', got {list(tasks)}")
     out = Path(out)
     clock = Stopwatch()
     machine = machine_info()  # before the work: the load average says what else was running
@@ -157,11 +165,17 @@ def run_demo(
         result.versus_reference = compare_methods(result.runs[0].vitp, reference.runs[0].vitp, settings.seed,
                                                   result.variant.label, reference.variant.label)
 
+    pixels = None
+    if "pixels" in tasks:
+        pixels = run_pixel_task(out, main.directory / "vit" / "vit.safetensors",
+                                main.directory / "vit_random" / "vit.safetensors", QUICK_PIXELS if quick else PixelSettings(),
+                                settings.seed, settings.tile_size, settings.block_tiles, clock)
+
     results = DemoResults(
         settings=settings, quick=quick, machine=machine, summary=shared.data_summary,
         methods=[main.vitp, main.random, shared.histogram], comparisons=comparisons, main_run=main,
         seed_runs=seed_runs if seeds > 1 else [], ablation=ablation, variants=variant_results, steps=steps,
-        seconds=clock.total, command=command,
+        seconds=clock.total, command=command, pixels=pixels,
     )
     report_path = write_report(out, results)
     write_json(results.to_dict(), out / "summary.json")
