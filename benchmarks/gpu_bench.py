@@ -4,6 +4,7 @@
     python benchmarks/gpu_bench.py prepare --work DIR                 # images, instruction data, tokenizer
     python benchmarks/gpu_bench.py features --results FILE [--dry-run]
     python benchmarks/gpu_bench.py train --results FILE [--dry-run]
+    python benchmarks/gpu_bench.py downstream --results FILE [--dry-run]
     python benchmarks/gpu_bench.py resume --work DIR --name NAME [--dry-run] [-- PRETRAIN FLAGS]
     python benchmarks/gpu_bench.py table --results FILE --steps FILE [--out DIR]
 
@@ -16,6 +17,13 @@ train: one optimizer step as `vitp pretrain --bf16` takes it (fp32 weights, bf16
 of InternViT-300M + a random Qwen2-0.5B-shaped LLM (Qwen2.5's 151,674-token vocabulary), with SDPA
 restricted to the flash kernel where the shapes allow it; tokens/s (median of alternating rounds,
 benchmarks/train_step.py) and peak allocated memory, grad checkpointing on/off x TMAug drop on/off.
+
+downstream: one training step of ViTP's segmentation model at 512 px (benchmarks/downstream.py: UPerNet on
+InternViT-300M + ViT-Adapter, patch 16, 7 classes; fp32 weights, the loss under bf16 autocast, backward,
+fused AdamW; no gradient checkpointing, so every counted FLOP is a model FLOP): images/s (median of
+alternating rounds), peak allocated memory, and MFU = FLOPs of one step (counted by
+torch.utils.flop_counter.FlopCounterMode on a real step: matmuls, convolutions, attention) x steps/s / the
+card's peak dense bf16 FLOP/s (PEAK_BF16_FLOPS, as for features). The batch is halved on running out of memory.
 
 resume: `vitp pretrain` under torchrun --nproc_per_node 1: two steps saving every step, then the same
 command with max_steps 3; passes when the second run resumed (checkpoint-1 and -2 untouched, "resuming
@@ -64,6 +72,13 @@ SIZES = {
     False: dict(vit="internvit-300m", batches=(32, 64), repeats=5, llm=QWEN2_05B, samples=8, tiles=4, text=128,
                 steps=3),
     True: dict(vit="internvit-tiny", batches=(2, 4), repeats=1, llm=TINY_LLM, samples=2, tiles=2, text=16, steps=1),
+}
+
+
+# ViTP's segmentation training at its crop size, and the dry run's tiny stand-in.
+DOWNSTREAM_SIZES = {
+    False: dict(vit="internvit-300m", image_size=512, head_channels=512, batches=(8, 4, 2, 1), repeats=3),
+    True: dict(vit="internvit-tiny", image_size=64, head_channels=32, batches=(2,), repeats=1),
 }
 
 
@@ -252,6 +267,54 @@ def train(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
+# downstream
+
+
+def downstream(args: argparse.Namespace) -> int:
+    import torch
+
+    from downstream import build_segmentor, median_seconds, segmentation_batch, step_flops, training_step
+
+    sizes = DOWNSTREAM_SIZES[args.dry_run]
+    cuda = torch.cuda.is_available() and not args.dry_run
+    device = "cuda" if cuda else "cpu"
+    name = device_name()
+    model = build_segmentor(sizes["vit"], "adapter", sizes["image_size"], False, device, sizes["head_channels"])
+    for batch in sizes["batches"]:  # the largest that fits
+        pixels, labels = segmentation_batch(batch, sizes["image_size"], device)
+        step = training_step(model, pixels, labels, "bf16")
+        try:
+            step()  # warm-up; AdamW's state is made here
+            break
+        except torch.cuda.OutOfMemoryError:
+            print(f"downstream: batch {batch} ran out of memory; trying a smaller one")
+        # freed after the handler, which holds the failed step's frames (and their tensors) while it runs
+        del pixels, labels, step
+        model.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+    else:
+        raise RuntimeError(f"downstream: out of memory even at batch {sizes['batches'][-1]}")
+    flops = step_flops(step)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    seconds = median_seconds({"step": step}, sizes["repeats"], device)["step"]
+    peak_memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    peak = peak_bf16_flops(name) if cuda else None
+    mfu = flops / seconds / peak if peak else None
+    row = {"section": "downstream",
+           "model": f"UPerNet ({sizes['head_channels']} ch) + ViT-Adapter on {sizes['vit']} {sizes['image_size']}px",
+           "batch": batch, "dtype": "bf16 autocast", "images_per_s": batch / seconds,
+           "gflop_per_image": flops / batch / 1e9, "tflop_per_s": flops / seconds / 1e12, "mfu": mfu,
+           "peak_gib": peak_memory, "device": name}
+    append_result(Path(args.results), row)
+    print(f"downstream {row['model']} batch {batch}: {row['images_per_s']:.2f} images/s, "
+          f"{row['gflop_per_image']:.0f} GFLOP/image per step, MFU {or_na(mfu, '{:.1%}')}, "
+          f"peak {or_na(peak_memory, '{:.1f} GiB')}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
 # resume
 
 
@@ -346,6 +409,16 @@ def table(args: argparse.Namespace) -> int:
         lines += [f"| {'on' if r['grad_checkpointing'] else 'off'} | {r['tmaug']} | {r['tokens_per_s']:.0f} | "
                   f"{or_na(r['peak_gib'], '{:.1f} GiB')} | {r['attention']} |" for r in train_rows]
         lines.append("")
+    downstream_rows = [r for r in rows if r["section"] == "downstream"]
+    if downstream_rows:
+        lines += ["## Downstream training step (segmentation: loss + backward + AdamW, bf16 autocast, no grad "
+                  "checkpointing)", "",
+                  "| model | batch | images/s | GFLOP/image (fwd+bwd) | TFLOP/s | MFU | peak memory |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['batch']} | {r['images_per_s']:.2f} | {r['gflop_per_image']:.1f} | "
+                  f"{r['tflop_per_s']:.2f} | {or_na(r['mfu'], '{:.1%}')} | {or_na(r['peak_gib'], '{:.1f} GiB')} |"
+                  for r in downstream_rows]
+        lines.append("")
     lines += ["## Steps", "", "| step | result | seconds | note |", "|---|---|---|---|"]
     lines += [f"| {step} | {status} | {seconds} | {note} |" for step, status, seconds, note in steps]
     text = "\n".join(lines) + "\n"
@@ -364,12 +437,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     for command, handler in (("environment", environment), ("prepare", prepare), ("features", features),
-                             ("train", train), ("resume", resume), ("table", table)):
+                             ("train", train), ("downstream", downstream), ("resume", resume), ("table", table)):
         sub = commands.add_parser(command)
         sub.set_defaults(handler=handler)
         sub.add_argument("--dry-run", dest="dry_run", action="store_true", help="tiny models on the CPU")
     commands.choices["prepare"].add_argument("--work", required=True)
-    for command in ("features", "train"):
+    for command in ("features", "train", "downstream"):
         commands.choices[command].add_argument("--results", required=True)
     commands.choices["resume"].add_argument("--work", required=True)
     commands.choices["resume"].add_argument("--name", required=True)

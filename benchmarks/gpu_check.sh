@@ -14,6 +14,8 @@
 #                third, loaded by transformers (configs/zero*.json, configs/fsdp.json)
 #   features     ViT forward images/s and MFU (InternViT-300M, 448 px, bf16, batch 32 and 64)
 #   train        train-step tokens/s and peak memory (InternViT-300M + Qwen2-0.5B shape, bf16)
+#   downstream   segmentation train-step images/s, MFU and peak memory (UPerNet + ViT-Adapter on InternViT-300M,
+#                512 px, bf16 autocast; FLOPs counted by FlopCounterMode on one step)
 # The table goes to stdout, and to $OUT/gpu_check.md and $OUT/gpu_check.json when OUT is set.
 # Environment: PYTHON (default: python3), GPU_CHECK_BUDGET_S (total seconds; 450, dry run 240).
 set -u -o pipefail
@@ -130,6 +132,7 @@ fi
 # the never-run sharded trainings above first; then the measurements
 run_step features 60 "${BENCH[@]}" features --results "$RESULTS" "${DRY_FLAG[@]}"
 run_step train 90 "${BENCH[@]}" train --results "$RESULTS" "${DRY_FLAG[@]}"
+run_step downstream 60 "${BENCH[@]}" downstream --results "$RESULTS" "${DRY_FLAG[@]}"
 
 echo
 "${BENCH[@]}" table --results "$RESULTS" --steps "$STEPS" ${OUT:+--out "$OUT"}
