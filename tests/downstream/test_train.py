@@ -229,7 +229,7 @@ def test_checkpoints_load_strictly(tmp_path):
     state = model.state_dict()
     state.pop("decode_head.conv_seg.bias")
     save_dense_model(model, spec, tmp_path / "run", state_dict=state)
-    with pytest.raises(WeightFormatError, match=r"missing \['decode_head.conv_seg.bias'\]"):
+    with pytest.raises(WeightFormatError, match=r"missing \(1\): decode_head.conv_seg.bias"):
         load_dense_model(tmp_path / "run")
     (tmp_path / "run" / "finetune.json").write_text(json.dumps({**spec.to_dict(), "colour": 1}))
     with pytest.raises(WeightFormatError, match=r"unknown keys \['colour'\]"):

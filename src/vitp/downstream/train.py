@@ -39,7 +39,9 @@ from vitp.downstream.metrics import CHANGE_DETECTION, SEGMENTATION, TASKS
 from vitp.downstream.segmentor import build_upernet_change_detector, build_upernet_segmentor
 from vitp.errors import ConfigError, WeightFormatError
 from vitp.files import read_json, write_json
+from vitp.model.formats.keymap import KeyMap, Rename
 from vitp.model.vision import VisionConfig
+from vitp.model.weights import read_state
 from vitp.progress import bars_shown
 from vitp.tensor_io import open_tensor_source, save_safetensors
 from vitp.train.arguments import TrainingArguments
@@ -50,6 +52,7 @@ logger = logging.getLogger("vitp")
 SPEC_FILE = "finetune.json"
 WEIGHTS_FILE = "model.safetensors"
 LAYER_DECAY_RATE = 0.9  # ViTP's configs, every task
+SAME_NAMES = KeyMap([Rename("{rest}", "{rest}")])  # model.safetensors holds the model's own state_dict names
 
 
 # --------------------------------------------------------------------------------------------------
@@ -128,22 +131,13 @@ def save_dense_model(model: nn.Module, spec: DenseModelSpec, directory: Path,
 
 
 def load_dense_weights(model: nn.Module, directory: Path) -> None:
-    """Strict: a missing, unexpected or misshapen tensor is an error naming it."""
+    """Strict (the project's one loader, ``vitp.model.weights.read_state``): a missing, unexpected or
+    misshapen tensor is an error naming it."""
     path = Path(directory) / WEIGHTS_FILE
-    source = open_tensor_source(path)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(source.keys()))
-    unexpected = sorted(set(source.keys()) - set(expected))
-    if missing or unexpected:
-        raise WeightFormatError(f"{path}: does not fit the model of {SPEC_FILE}: missing {missing[:5]}"
-                                f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                                f"{' ...' if len(unexpected) > 5 else ''}")
-    tensors = source.load(list(expected))
-    for name, tensor in tensors.items():
-        if tensor.shape != expected[name].shape:
-            raise WeightFormatError(f"{path}: {name} has shape {list(tensor.shape)}, the model expects "
-                                    f"{list(expected[name].shape)}")
-    model.load_state_dict(tensors, strict=True)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    state = read_state(open_tensor_source(path), SAME_NAMES, expected,
+                       [f"{path}: does not fit the model of {SPEC_FILE}"])
+    model.load_state_dict(state, strict=True)
 
 
 def load_dense_model(directory: Path | str, device: str | torch.device = "cpu") -> tuple[nn.Module, DenseModelSpec]:
