@@ -263,3 +263,9 @@ def test_each_epoch_draws_its_own_augmentations_also_after_a_resume():
     for state_epoch, expected in ((0.0, 0), (1.0, 1), (1.5, 1), (2.9999999, 2), (3.0, 3)):
         callback.on_epoch_begin(None, SimpleNamespace(epoch=state_epoch), None)
         assert recorder.epoch == expected
+
+
+def test_a_layer_decay_rate_above_one_is_refused_before_anything_is_read(tmp_path, capsys):
+    assert main(["finetune", "segment", "--data", str(tmp_path / "nowhere"), "--vit", "internvit-tiny",
+                 "--output_dir", str(tmp_path / "out"), "--layer_decay_rate", "1.5"]) == 2
+    assert "--layer_decay_rate must be in (0, 1], got 1.5" in capsys.readouterr().err

@@ -152,6 +152,8 @@ def _run_finetune(args: argparse.Namespace) -> int:
     from vitp.downstream.train import DenseData, DenseModelSpec, finetune
     from vitp.errors import ConfigError
 
+    if not 0 < args.layer_decay_rate <= 1:  # refused before the data and the ViT are read
+        raise ConfigError(f"--layer_decay_rate must be in (0, 1], got {args.layer_decay_rate}")
     task = "segmentation" if args.task == "segment" else "change_detection"
     data = _data(args, task)
     vit = _load_vit(args.vit)
@@ -163,8 +165,6 @@ def _run_finetune(args: argparse.Namespace) -> int:
                           vision, neck=args.neck, image_size=args.crop_size, patch_size=patch_size,
                           drop_path_rate=args.drop_path_rate, head_channels=args.head_channels,
                           reduce_zero_label=data.preset.reduce_zero_label)
-    if not 0 < args.layer_decay_rate <= 1:
-        raise ConfigError(f"--layer_decay_rate must be in (0, 1], got {args.layer_decay_rate}")
     finetune(data, vit, spec, _training_arguments(args), layer_decay_rate=args.layer_decay_rate,
              grad_checkpoint=args.grad_checkpoint, freeze_vit=args.freeze_vit,
              evaluation=_eval_settings(args, args.crop_size) if data.val_split else None)
@@ -208,18 +208,13 @@ def _data(args: argparse.Namespace, task: str):
 
 
 def _load_vit(source: str):
+    from vitp.downstream.backbone import vit_from_source
     from vitp.errors import ConfigError
     from vitp.model.vision import PRESETS
 
-    if source in PRESETS and not Path(source).exists():
-        from vitp import build_vit
-
-        return build_vit(source)
-    if not Path(source).exists():
+    if source not in PRESETS and not Path(source).exists():
         raise ConfigError(f"--vit {source}: no such file or folder, and not a preset ({', '.join(sorted(PRESETS))})")
-    from vitp import load_vit
-
-    return load_vit(source)
+    return vit_from_source(source)
 
 
 def _patch_size(text: str) -> int:

@@ -220,7 +220,7 @@ def build_encoder(
     if not 0.0 <= drop_path_rate < 1.0:
         raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
 
-    vit = _vit_from(vit_or_checkpoint)
+    vit = vit_from_source(vit_or_checkpoint)
     vit = adapt_vit(vit, image_size=image_size or vit.config.image_size, patch_size=patch_size,
                     drop_path_rate=drop_path_rate)
     config = vit.config
@@ -236,7 +236,8 @@ def build_encoder(
     return encoder.train()  # as a freshly built module is (a loaded ViT comes in eval mode)
 
 
-def _vit_from(source: InternViT | VisionConfig | str | Path) -> InternViT:
+def vit_from_source(source: InternViT | VisionConfig | str | Path) -> InternViT:
+    """The ViT ``source`` names: itself, a random one of a config or preset name, or a checkpoint's (strict)."""
     if isinstance(source, InternViT):
         return source
     if isinstance(source, VisionConfig):
