@@ -269,3 +269,10 @@ def test_a_layer_decay_rate_above_one_is_refused_before_anything_is_read(tmp_pat
     assert main(["finetune", "segment", "--data", str(tmp_path / "nowhere"), "--vit", "internvit-tiny",
                  "--output_dir", str(tmp_path / "out"), "--layer_decay_rate", "1.5"]) == 2
     assert "--layer_decay_rate must be in (0, 1], got 1.5" in capsys.readouterr().err
+
+
+def test_the_command_line_knows_the_dense_tasks_without_importing_them():
+    from vitp.cli.retrieval import DENSE_TASKS
+    from vitp.downstream.metrics import TASKS
+
+    assert DENSE_TASKS == TASKS

@@ -384,6 +384,7 @@ def _not_the_index_model(checkpoint: str, settings: dict) -> str:
 # vitp evaluate
 
 
+DENSE_TASKS = ("segmentation", "change_detection")  # vitp.downstream.metrics.TASKS, written out: no torch import
 COMPARE_RESAMPLES = 1000  # bootstrap resamples of --compare when --bootstrap is not given
 
 
@@ -487,20 +488,11 @@ def _top_k_within_gallery(top_k: list[int], gallery_size: int, leave_one_out: bo
     return kept
 
 
-def _is_dense_evaluation(path: Path) -> bool:
-    """A segmentation or change-detection evaluation (``vitp finetune``), told by its 'task' key."""
-    from vitp.errors import RetrievalError
-    from vitp.files import read_json
-
-    data = read_json(path, RetrievalError)
-    return isinstance(data, dict) and data.get("task") in ("segmentation", "change_detection")
-
-
 def _run_compare(args: argparse.Namespace) -> int:
     """`vitp evaluate --compare A.json B.json`: paired-bootstrap differences of two evaluations."""
     from vitp.errors import RetrievalError
-    from vitp.retrieval.statistics import compare, load_query_results
-    from vitp.files import check_output_path, write_json
+    from vitp.retrieval.statistics import compare, query_results_from_dict
+    from vitp.files import check_output_path, read_json, write_json
 
     given = [flag for flag, value in (("--query_features", args.query_features), ("--gallery_features", args.gallery_features),
                                       ("--index", args.index), ("--plot", args.plot)) if value]
@@ -510,14 +502,17 @@ def _run_compare(args: argparse.Namespace) -> int:
         check_output_path(args.output)
     path_a, path_b = (Path(p) for p in args.compare)
     name_a, name_b = (path_a.stem, path_b.stem) if path_a.stem != path_b.stem else (str(path_a), str(path_b))
-    if _is_dense_evaluation(path_a) or _is_dense_evaluation(path_b):  # two `vitp finetune` evaluations
-        from vitp.downstream.metrics import load_evaluation, paired_comparison
+    data_a, data_b = (read_json(path, RetrievalError) for path in (path_a, path_b))  # each file read once
+    resamples = args.bootstrap or COMPARE_RESAMPLES
+    if any(isinstance(d, dict) and d.get("task") in DENSE_TASKS for d in (data_a, data_b)):  # `vitp finetune` runs
+        from vitp.downstream.metrics import DenseEvaluation, paired_comparison
 
-        comparison = paired_comparison(load_evaluation(path_a), load_evaluation(path_b),
-                                       args.bootstrap or COMPARE_RESAMPLES, args.seed, name_a, name_b)
+        comparison = paired_comparison(DenseEvaluation.from_dict(data_a, str(path_a)),
+                                       DenseEvaluation.from_dict(data_b, str(path_b)), resamples, args.seed,
+                                       name_a, name_b)
     else:
-        comparison = compare(load_query_results(path_a), load_query_results(path_b), args.bootstrap or COMPARE_RESAMPLES,
-                             args.seed, name_a, name_b)
+        comparison = compare(query_results_from_dict(data_a, str(path_a)), query_results_from_dict(data_b, str(path_b)),
+                             resamples, args.seed, name_a, name_b)
     print("\n".join(comparison.lines()))
     if args.output:
         write_json(comparison.to_dict(), Path(args.output))

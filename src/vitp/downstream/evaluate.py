@@ -97,7 +97,7 @@ def evaluate_dataset(
         indexes.append(index)
         if output is not None and settings.write_masks:
             write_palette_png(prediction, output / "predictions" / f"{item['name']}.png", classes)
-        if output is not None and index < settings.sheet_images * world and len(rows) < settings.sheet_images:
+        if output is not None and index < settings.sheet_images:  # the first images of the set, on any rank
             rows.append((index, _overlay_row(dataset.pairs[index], prediction, label, image)))
     model.train(was_training)
     areas, rows, skipped = _gather(indexes, counter.areas(), rows, skipped, rank, world)
@@ -109,7 +109,7 @@ def evaluate_dataset(
     if settings.bootstrap:
         evaluation.add_intervals(settings.bootstrap, settings.seed)
     if output is not None:
-        _write_outputs(evaluation, rows[: settings.sheet_images], skipped, classes, output)
+        _write_outputs(evaluation, rows, skipped, classes, output)
     return evaluation
 
 

@@ -380,10 +380,14 @@ def per_class_values(results: QueryResults) -> dict[str, dict[str, float]]:
 def load_query_results(path: str | Path) -> QueryResults:
     """The per-query results stored in an evaluation's JSON (``EvaluationReport.to_dict``)."""
     path = Path(path)
-    data = read_json(path, RetrievalError)
+    return query_results_from_dict(read_json(path, RetrievalError), str(path))
+
+
+def query_results_from_dict(data: Any, source: str) -> QueryResults:
+    """:func:`load_query_results` of an evaluation's JSON already read from ``source``."""
     if not isinstance(data, dict) or "top_k_accuracy" not in data:
-        raise RetrievalError(f"{path}: not an evaluation written by `vitp evaluate` (no 'top_k_accuracy' key)")
+        raise RetrievalError(f"{source}: not an evaluation written by `vitp evaluate` (no 'top_k_accuracy' key)")
     if data.get("per_query") is None:
-        raise RetrievalError(f"{path}: the evaluation holds no per-query results (written by an older vitp?); "
+        raise RetrievalError(f"{source}: the evaluation holds no per-query results (written by an older vitp?); "
                               "evaluate again to compare it")
-    return QueryResults.from_dict(data["per_query"], str(path))
+    return QueryResults.from_dict(data["per_query"], source)
