@@ -148,7 +148,7 @@ def _fine_tune(data: Any, checkpoint: Path, output: Path, settings: PixelSetting
         seed=seed, dataloader_num_workers=0, report_to="none", use_cpu=True,
     )
     finetune(data, vit, spec, args, layer_decay_rate=settings.layer_decay_rate,
-             evaluation=EvalSettings(mode="whole", bootstrap=RESAMPLES, seed=seed))
+             evaluation=EvalSettings(mode="whole", bootstrap=0))  # intervals: drawn once, below, as for a reused run
     write_json(key, record)
     evaluation = load_evaluation(evaluation_file)
     evaluation.add_intervals(RESAMPLES, seed)
