@@ -276,3 +276,31 @@ def test_the_command_line_knows_the_dense_tasks_without_importing_them():
     from vitp.downstream.metrics import TASKS
 
     assert DENSE_TASKS == TASKS
+
+
+@pytest.mark.slow
+def test_two_torchrun_ranks_train_together_and_evaluate_every_image_once(twelve_classes, tmp_path):
+    """DDP over gloo on CPUs; each rank evaluates every 2nd image and rank 0 joins them in data-set order:
+    the same per-image areas as one process evaluating the saved model."""
+    output = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+               "vitp.cli", "finetune", *finetune_command(twelve_classes, output, "--max_steps", "2", "--save_steps", "2",
+                                                        "--dataloader_num_workers", "0")]
+    finished = subprocess.run(command, env=ENVIRONMENT, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    state = json.loads((output / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and state["log_history"][0]["images_per_second"] > 0
+    sharded = json.loads((output / "evaluation" / "evaluation.json").read_text())
+    assert main(["finetune", "evaluate", "--model", str(output), "--data", str(twelve_classes), "--output",
+                 str(tmp_path / "one"), "--eval_crop", "32", "--eval_stride", "24", "--bootstrap", "20"]) == 0
+    alone = json.loads((tmp_path / "one" / "evaluation.json").read_text())
+    assert sharded["per_image"] == alone["per_image"]
+    assert sorted(p.name for p in (output / "evaluation" / "predictions").iterdir()) == ["tile_000.png.png",
+                                                                                         "tile_001.png.png"]
+
+
+def test_bf16_autocast_trains_on_the_cpu(twelve_classes, tmp_path):
+    assert main(["finetune", *finetune_command(twelve_classes, tmp_path / "bf16", "--max_steps", "1", "--bf16",
+                                               "--val_split", "none", "--dataloader_num_workers", "0")]) == 0
+    loss = json.loads((tmp_path / "bf16" / "trainer_state.json").read_text())["log_history"][0]["loss"]
+    assert np.isfinite(loss)

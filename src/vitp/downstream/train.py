@@ -362,11 +362,22 @@ def finetune(
     if evaluation is not None and data.val_split:
         from vitp.downstream.evaluate import evaluate_split
 
-        evaluate_split(trainer.accelerator.unwrap_model(trainer.model), spec, data, evaluation, output / "evaluation",
-                       device=training_args.device)
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        _use_saved_buffers(model)
+        evaluate_split(model, spec, data, evaluation, output / "evaluation", device=training_args.device)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     return output
+
+
+def _use_saved_buffers(model: nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics), which is what was saved. DDP copies
+    them from rank 0 before each forward, and each rank's last forward then updates its own copy from its
+    own batch (without SyncBatchNorm the ranks end with different statistics); every rank evaluates a share
+    of the images, so each must evaluate the saved model."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer.data, src=0)
 
 
 def _check_same_model(checkpoint: Path, spec: DenseModelSpec) -> None:

@@ -311,6 +311,9 @@ class TrainingArguments(transformers.TrainingArguments):
         if launched and not torch.cuda.is_available() and not (self.deepspeed or self.fsdp):  # those are refused later
             self.use_cpu = True
             self.ddp_backend = self.ddp_backend or "gloo"
+        if self.bf16 and not torch.cuda.is_available():
+            # transformers refuses bf16 without a GPU unless told the run is on CPUs, where autocast supports it
+            self.use_cpu = True
 
     def _map_legacy_fields(self) -> None:
         """transformers 4.37's fields onto their transformers 5 successors (as 4.37 itself mapped most)."""
