@@ -1,6 +1,6 @@
 """Downstream transfer: the costs of the dense backbone's parts.
 
-    python benchmarks/downstream.py --parts deform [train] [--device cpu|cuda] [--batch_size N] [--repeats 5]
+    python benchmarks/downstream.py --parts deform [train] [evaluation] [--device cpu|cuda] [--batch_size N] [--repeats 5]
                                     [--vit PRESET|CHECKPOINT] [--image_size 512] [--steps 3] [--dtype fp32|bf16]
 
 (``--deform`` is short for ``--parts deform``.)
@@ -30,6 +30,13 @@ set (/proc VmHWM, reset after the warm-up) over its resident set before the mode
 plus the allocator's slack). Both count weights, gradients, AdamW state and activations. Ratios are
 against SimpleFPN without checkpointing, measured in the same run. The CPU defaults to internvit-small
 (a 300M ViT at 512 px takes minutes per step on a few cores); CUDA to internvit-300m (ViTP's ViT-L).
+
+evaluation: the costs of evaluating at users' sizes, each against a plain baseline in the same run.
+Bootstrap intervals of a 2000-image, 16-class segmentation evaluation with 1000 resamples
+(``DenseEvaluation.add_intervals``: every resample's areas summed by one matrix product per chunk)
+against a loop that sums each resample's rows one resample at a time; and sliding-window inference on
+a 4000 x 4000 image with iSAID's crop 896 / stride 448 (64 windows, 4 per forward) through a 1x1
+convolution, against the same convolution on the whole image (the windowing's overhead).
 
 Each part is one function taking the parsed arguments, registered in ``PARTS`` (the choices of --parts).
 """
@@ -332,8 +339,47 @@ def run_train(args: argparse.Namespace) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# --parts evaluation
 
-PARTS: dict[str, Callable[[argparse.Namespace], None]] = {"deform": run_deform, "train": run_train}
+
+def run_evaluation(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from vitp.downstream.inference import slide_inference
+    from vitp.downstream.metrics import SEGMENTATION, DenseEvaluation, ImageAreas
+
+    rng = np.random.default_rng(10)
+    labelled = rng.integers(0, 50_000, (2000, 16))
+    predicted = rng.integers(0, 50_000, (2000, 16))
+    areas = ImageAreas([f"{i}.png" for i in range(2000)], np.minimum(labelled, predicted) // 2, predicted, labelled,
+                       [f"class {i}" for i in range(16)])
+    stacked = areas.stacked.astype(np.float64)
+
+    def resample_by_resample():
+        picks = np.random.default_rng(0).integers(0, len(stacked), (1000, len(stacked)))
+        return [stacked[row].sum(0) for row in picks]
+
+    seconds = median_seconds({"vitp": lambda: DenseEvaluation(SEGMENTATION, areas).add_intervals(1000),
+                              "loop": resample_by_resample}, args.repeats, "cpu")
+    print(f"bootstrap, 2000 images x 16 classes x 1000 resamples: {seconds['vitp']:.2f} s; one resample at a time "
+          f"(sums only) {seconds['loop']:.2f} s; ratio {seconds['loop'] / seconds['vitp']:.1f}")
+
+    convolution = nn.Conv2d(3, 16, 1).to(args.device).eval()
+    image = torch.randn(1, 3, 4000, 4000, device=args.device)
+    with torch.no_grad():
+        seconds = median_seconds({
+            "slide": lambda: slide_inference(convolution, image, crop=896, stride=448, windows_per_forward=4),
+            "whole": lambda: convolution(image),
+        }, args.repeats, args.device)
+    print(f"sliding window, 4000 x 4000, crop 896 / stride 448 (64 windows), 1x1 conv, {device_name(args.device)}: "
+          f"{seconds['slide']:.2f} s; the whole image at once {seconds['whole']:.2f} s; "
+          f"ratio {seconds['slide'] / seconds['whole']:.1f}")
+
+
+# --------------------------------------------------------------------------------------------------
+
+PARTS: dict[str, Callable[[argparse.Namespace], None]] = {"deform": run_deform, "train": run_train,
+                                                          "evaluation": run_evaluation}
 
 
 def main() -> None:
@@ -343,7 +389,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--batch_size", type=int, default=None,
                         help="deform: 2; train: 1 on the CPU (ViTP's images per GPU), 8 on CUDA")
-    parser.add_argument("--repeats", type=int, default=5, help="deform: timed rounds")
+    parser.add_argument("--repeats", type=int, default=5, help="deform, evaluation: timed rounds")
     parser.add_argument("--vit", default=None,
                         help="train: a vision preset (vitp.model.vision.PRESETS) or a ViT checkpoint; "
                              "default internvit-small on the CPU, internvit-300m on CUDA")

@@ -1,6 +1,5 @@
 """Whole-image and sliding-window inference against a re-statement of mmseg's slide rule."""
 
-import time
 
 import pytest
 import torch
@@ -125,17 +124,15 @@ class Recorder(nn.Module):
 
 def test_memory_is_bounded_by_the_windows_per_forward_on_a_large_image():
     """A 4000x4000 image with iSAID's crop and stride: 64 windows, never more than 4 through the model
-    at once. The result is the model's per-pixel output (a 1x1 conv), which no windowing may change."""
+    at once. The result is the model's per-pixel output (a 1x1 conv), which no windowing may change. (Its
+    speed: benchmarks/downstream.py --parts evaluation.)"""
     model = Recorder().eval()
     image = pixels(1, 4000, 4000, seed=3)
-    start = time.perf_counter()
     logits = slide_inference(model, image, crop=896, stride=448, windows_per_forward=4)
-    elapsed = time.perf_counter() - start
     assert len(sliding_windows(4000, 4000, (896, 896), (448, 448))) == 64
     assert max(model.batches) == 4 and sum(model.batches) == 64
     with torch.no_grad():
         torch.testing.assert_close(logits[:, :, ::97, ::89], model.conv(image[:, :, ::97, ::89]))
-    assert elapsed < 60, f"{elapsed:.1f} s"
 
 
 def test_a_module_in_training_mode_gets_one_window_position_per_forward():

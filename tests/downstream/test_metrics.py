@@ -4,7 +4,6 @@ at a time, and the saved JSON form."""
 
 import json
 import math
-import time
 
 import numpy as np
 import pytest
@@ -278,13 +277,14 @@ def test_damaged_evaluation_file_is_named(tmp_path, damage, expected):
     assert str(path) in str(caught.value)
 
 
-def test_bootstrap_is_fast_at_users_sizes():
-    """2000 images x 16 classes x 1000 resamples: the vectorised bootstrap is quick."""
+def test_bootstrap_at_users_sizes():
+    """2000 images x 16 classes x 1000 resamples (its speed: benchmarks/downstream.py --parts evaluation)."""
     rng = np.random.default_rng(10)
     labelled = rng.integers(0, 50_000, (2000, 16))
     predicted = rng.integers(0, 50_000, (2000, 16))
     intersection = np.minimum(labelled, predicted) // 2
     areas = ImageAreas([f"{i}.png" for i in range(2000)], intersection, predicted, labelled, SIXTEEN_CLASSES)
-    start = time.perf_counter()
-    DenseEvaluation(SEGMENTATION, areas).add_intervals(1000)
-    assert time.perf_counter() - start < 10
+    intervals = DenseEvaluation(SEGMENTATION, areas).add_intervals(1000)
+    for name, interval in intervals.metrics.items():
+        assert interval.low <= interval.value <= interval.high, name
+    assert len(intervals.per_class) == 16
